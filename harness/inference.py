@@ -1,0 +1,122 @@
+"""Sliding-window inference with multi-scale+flip views, reproducing rstrudel/segmenter's
+``inference`` (segm/model/utils.py) and, on request, MMSegmentation's low-resolution views."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def upsample_to_window(im: torch.Tensor, window: int) -> torch.Tensor:
+    """Upsample a view whose short side is below the window so the short side equals it
+    (reference ``resize``: the long side is ``int(ratio * window)``, truncated)."""
+    h, w = im.shape[-2:]
+    if min(h, w) >= window:
+        return im
+    if h < w:
+        size = (window, int(w / h * window))
+    else:
+        size = (int(h / w * window), window)
+    return F.interpolate(im, size, mode="bilinear", align_corners=False)
+
+
+def window_origins(length: int, window: int, stride: int) -> list[int]:
+    """Origins along one axis: every stride step that leaves a full window, then one window
+    flush with the border (reference semantics)."""
+    return [a for a in range(0, length, stride) if a < length - window] + [length - window]
+
+
+def mmseg_origins(length: int, window: int, stride: int) -> list[int]:
+    """MMSegmentation's ``slide_inference`` grid: ceil((length - window) / stride) + 1 steps,
+    the last clamped to the border; a side shorter than the window gets one origin at 0."""
+    n = max(length - window + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + window, length) - window, 0) for i in range(n)]
+
+
+@torch.no_grad()
+def slide_logits(model: nn.Module, im: torch.Tensor, window: int, stride: int, batch_size: int = 4,
+                 small_views: str = "upsample") -> torch.Tensor:
+    """Logits [C, H, W] of one view [1, 3, H, W]: windows batched through the model,
+    overlapping logits averaged by count.
+
+    ``upsample`` (reference): the view's sides must be at least the window.
+    ``low_res`` (MMSegmentation): windows are clipped to a view smaller than the window.
+    """
+    _, _, H, W = im.shape
+    if small_views == "upsample":
+        ys, xs = window_origins(H, window, stride), window_origins(W, window, stride)
+    else:
+        ys, xs = mmseg_origins(H, window, stride), mmseg_origins(W, window, stride)
+    wh, ww = min(window, H), min(window, W)
+    anchors = [(y, x) for y in ys for x in xs]
+    logits = torch.zeros((model.n_cls, H, W), device=im.device, dtype=torch.float32)
+    count = torch.zeros((1, H, W), device=im.device, dtype=torch.float32)
+    for i in range(0, len(anchors), batch_size):
+        batch = anchors[i:i + batch_size]
+        out = model(torch.cat([im[:, :, y:y + wh, x:x + ww] for y, x in batch])).float()
+        for seg, (y, x) in zip(out, batch):
+            logits[:, y:y + wh, x:x + ww] += seg
+            count[:, y:y + wh, x:x + ww] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def slide_inference(model: nn.Module, views: Sequence[torch.Tensor], flipped: Sequence[bool],
+                    out_size: tuple[int, int], window: int, stride: int, batch_size: int = 4,
+                    small_views: str = "upsample") -> torch.Tensor:
+    """Class probabilities [C, *out_size]: the mean over views of the softmax of each view's
+    sliding-window logits resized to ``out_size`` (bilinear) and mirrored back if flipped.
+
+    ``small_views="upsample"`` is the reference (views below the window upsampled first);
+    ``"low_res"`` runs them at their own resolution as MMSegmentation does.
+    """
+    if len(views) != len(flipped):
+        raise ValueError(f"{len(views)} views but {len(flipped)} flip flags")
+    probs = None
+    for im, flip in zip(views, flipped):
+        if small_views == "upsample":
+            im = upsample_to_window(im, window)
+        elif small_views != "low_res":
+            raise ValueError(f"small_views must be 'upsample' or 'low_res', got {small_views!r}")
+        logits = slide_logits(model, im, window, stride, batch_size, small_views)
+        logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        if flip:
+            logits = torch.flip(logits, dims=(2,))
+        p = F.softmax(logits, dim=0)
+        probs = p if probs is None else probs + p
+    return probs / len(views)
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [3, H, W] (or [B, 3, H, W]) on the 0..255 scale -> normalised float32."""
+    m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
+    return (image.float() - m) / s
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """MMSegmentation ``Resize(keep_ratio=True)``: the largest size that fits ``scale``
+    (long, short) keeping the aspect ratio, rounded half up."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def make_views(image: torch.Tensor, test_scale: int, mean: Sequence[float], std: Sequence[float],
+               scales: Sequence[float] = (1.0,), flip: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
+    """Normalised views of a uint8 image [3, H, W]: for each ratio, the image resized to fit
+    (4 * test_scale * r, test_scale * r) (ADE20K's (2048, 512) at 512), then its mirror if ``flip``."""
+    views, flipped = [], []
+    x = normalize(image, mean, std)[None]
+    h, w = image.shape[-2:]
+    for r in scales:
+        size = rescale_size(h, w, (int(4 * test_scale * r), int(test_scale * r)))
+        v = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        views.append(v)
+        flipped.append(False)
+        if flip:
+            views.append(torch.flip(v, dims=(3,)))
+            flipped.append(True)
+    return views, flipped

@@ -1,0 +1,185 @@
+"""Checkpoints: reference run directories, segrepro's own files, and timm ImageNet backbones."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from timm.layers import resample_abs_pos_embed
+
+from harness.config import Config, ConfigError, config_from_dict
+from harness.models.segmenter import Segmenter, build_model
+
+SEGREPRO_FORMAT = "segrepro-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit: names the file and every mismatching key."""
+
+
+class _VariantLoader(yaml.SafeLoader):
+    """Safe YAML that also reads the ``!!python/tuple`` the reference writes into variant.yml
+    (as a plain tuple: no arbitrary Python is constructed)."""
+
+
+_VariantLoader.add_constructor(
+    "tag:yaml.org,2002:python/tuple",
+    lambda loader, node: tuple(loader.construct_sequence(node, deep=True)),
+)
+
+
+def read_variant(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_VariantLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"malformed YAML: {e}") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("net_kwargs"), dict):
+        raise ConfigError(path, "net_kwargs", "expected a reference variant.yml with a net_kwargs mapping")
+    return data
+
+
+def config_from_variant(variant: dict, name: str, file: Any = None) -> Config:
+    """A segrepro Config for a reference run: architecture from ``net_kwargs``, window and
+    stride from ``inference_kwargs``, schedule from ``optimizer_kwargs``."""
+    net = variant["net_kwargs"]
+    try:
+        size = net["image_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if h != w:
+            raise ConfigError(file, "net_kwargs.image_size", f"expected a square size, got {size!r}")
+        dec = dict(net["decoder"])
+        decoder = {"name": dec["name"]}
+        if dec["name"] == "mask_transformer":
+            decoder.update(n_layers=dec["n_layers"], dropout=dec.get("dropout", 0.0),
+                           drop_path_rate=dec.get("drop_path_rate", 0.0))
+        inf = variant.get("inference_kwargs", {})
+        data = variant.get("dataset_kwargs", {})
+        opt = variant.get("optimizer_kwargs", {})
+        cfg = {
+            "name": name,
+            "description": f"reference run {name} (variant.yml)",
+            "model": {
+                "backbone": net["backbone"], "patch_size": net["patch_size"], "d_model": net["d_model"],
+                "n_layers": net["n_layers"], "n_heads": net["n_heads"],
+                "distilled": bool(net.get("distilled", False)), "image_size": h, "n_cls": net["n_cls"],
+                "drop_path_rate": net.get("drop_path_rate", 0.0), "dropout": net.get("dropout", 0.0),
+                "ln_eps": 1e-5, "normalization": net.get("normalization", "vit"), "decoder": decoder,
+            },
+            "data": {"crop_size": data.get("crop_size", h), "test_scale": inf.get("im_size", h)},
+            "optim": {
+                "iterations": opt.get("iter_max", 161728),
+                "batch_size": variant.get("world_batch_size", data.get("batch_size", 8)),
+                "lr": opt.get("lr", 1e-3), "momentum": opt.get("momentum", 0.9),
+                "weight_decay": opt.get("weight_decay", 0.0), "poly_power": opt.get("poly_power", 0.9),
+                "min_lr": opt.get("min_lr", 1e-5),
+            },
+            "eval": {"window": inf.get("window_size", h), "stride": inf.get("window_stride", h)},
+        }
+    except KeyError as e:
+        raise ConfigError(file, f"net_kwargs.{e.args[0]}", "missing") from None
+    return config_from_dict(cfg, file)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except Exception as e:  # unpickling errors of every kind: one message naming the file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_state_dict_strict(module: nn.Module, state: dict, source: Any, ignore: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module``, raising one CheckpointError that lists every missing
+    key, unexpected key and shape mismatch (keys starting with ``ignore`` may be absent)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore)]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: the checkpoint does not fit the model"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(path: str | os.PathLike, **model_overrides: Any) -> tuple[Segmenter, Config]:
+    """``(model, config)`` from a reference run directory (or its checkpoint.pth, with
+    variant.yml beside it) or a segrepro checkpoint; the model is in eval mode.
+
+    ``model_overrides`` replace model fields that do not change the weights
+    (``attention``, ``mask_step``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "checkpoint.pth", path / "checkpoint.pt"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: no checkpoint.pth or checkpoint.pt in this directory")
+        path = found[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict")
+    if ckpt.get("format") == SEGREPRO_FORMAT:
+        cfg = config_from_dict(ckpt["config"], path)
+    else:
+        variant = path.parent / "variant.yml"
+        if not variant.is_file():
+            raise CheckpointError(f"{path}: a reference checkpoint needs its variant.yml beside it ({variant} is missing)")
+        cfg = config_from_variant(read_variant(variant), path.parent.name, variant)
+    if model_overrides:
+        cfg = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], **model_overrides}}, path)
+    model = build_model(cfg.model)
+    load_state_dict_strict(model, ckpt["model"], path)
+    return model.eval(), cfg
+
+
+def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: Config, **extra: Any) -> None:
+    """Write a segrepro checkpoint atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": SEGREPRO_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_backbone_weights(model: Segmenter, file: str | os.PathLike, backbone: str) -> None:
+    """Initialise the encoder from a local timm ImageNet checkpoint of ``backbone``.
+
+    timm reads the file (pth, safetensors or npz) into its own model; its weights are then
+    copied with the position grid resized bilinearly to the training grid, as the reference's
+    ``checkpoint_filter_fn`` does (24x24 -> 32x32 for 384 checkpoints at 512).
+    The ImageNet heads may differ in size (21k checkpoints): they are unused and skipped.
+    """
+    import timm
+
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such backbone weights file")
+    if backbone not in timm.list_models():
+        raise CheckpointError(f"{file}: backbone {backbone!r} is not a timm model, so its weights cannot be read")
+    try:
+        src = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
+    except Exception as e:
+        raise CheckpointError(f"{file}: timm could not load it as {backbone}: {type(e).__name__}: {e}") from None
+    enc = model.encoder
+    state = {k: v for k, v in src.state_dict().items()
+             if not (k.startswith(("head.", "head_dist.")) and enc.state_dict()[k].shape != v.shape)}
+    pos = state["pos_embed"]
+    if pos.shape != enc.pos_embed.shape:
+        old = int((pos.shape[1] - enc.num_extra_tokens) ** 0.5)
+        state["pos_embed"] = resample_abs_pos_embed(pos, list(enc.grid_size), [old, old], enc.num_extra_tokens,
+                                                    interpolation="bilinear", antialias=False)
+    load_state_dict_strict(enc, state, file, ignore=("head.", "head_dist."))
