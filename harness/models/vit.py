@@ -34,7 +34,7 @@ class SegAttention(Attention):
 def make_blocks(dim: int, depth: int, n_heads: int, mlp_ratio: float, dropout: float,
                 drop_path_rate: float, ln_eps: float, attention: str) -> nn.ModuleList:
     """Pre-norm transformer blocks with drop-path rising linearly from 0, as the reference."""
-    dpr = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+    dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
     blocks = nn.ModuleList([
         Block(dim, n_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
               drop_path=dpr[i], norm_layer=partial(nn.LayerNorm, eps=ln_eps), attn_layer=SegAttention)

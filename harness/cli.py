@@ -1,0 +1,182 @@
+"""The ``segrepro`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from harness.config import ConfigError
+
+
+class InputError(ValueError):
+    """Bad input from the command line: one message naming what is wrong, exit code 2."""
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def zoo_table() -> list[dict]:
+    """Every zoo configuration with its parameter count (counted from the built model) and
+    the documented figures of each source."""
+    import torch
+
+    from harness.config import load_config, load_documented, zoo_names
+    from harness.models import build_model, count_parameters
+
+    documented = load_documented()
+    rows = []
+    for name in zoo_names():
+        cfg = load_config(name)
+        with torch.device("meta"):  # shapes only: counting needs no memory or init time
+            params = count_parameters(build_model(cfg.model))
+        figures = {f"{d['source']}.{d['metric']}": d["value"] for d in documented if d["config"] == name}
+        rows.append({"config": name, "description": cfg.description, "params_m": params / 1e6,
+                     "window": cfg.eval.window, "stride": cfg.eval.stride, "documented": figures})
+    zoo = set(zoo_names())
+    for name in sorted({d["config"] for d in documented} - zoo):
+        figures = {f"{d['source']}.{d['metric']}": d["value"] for d in documented if d["config"] == name}
+        rows.append({"config": name, "description": "documented only (no zoo configuration)",
+                     "params_m": None, "window": None, "stride": None, "documented": figures})
+    return rows
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    rows = zoo_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from tabulate import tabulate
+
+    cols = [("paddlevit.miou_ss", "PVT ss"), ("reference.miou_ss", "OFF ss"), ("reference.miou_msflip", "OFF ms+flip"),
+            ("mmseg.miou_ss", "MMS ss"), ("mmseg.miou_msflip", "MMS ms+flip"), ("reference.params", "OFF params M"),
+            ("reference.fps", "OFF fps"), ("mmseg.fps", "MMS fps"), ("mmseg.train_memory", "MMS mem GB")]
+    table = [[r["config"], _fmt(r["params_m"], 1)] + [_fmt(r["documented"].get(k)) for k, _ in cols] for r in rows]
+    print(tabulate(table, headers=["config", "params M (built)"] + [t for _, t in cols], disablenumparse=True))
+    print("\nPVT = PaddleViT, OFF = reference code, MMS = MMSegmentation; documented figures from experiments/documented.yaml")
+    return 0
+
+
+def _read_image(path: Path):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path}: not a readable image ({e})") from None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from harness.data.ade20k import colorize
+    from harness.inference import make_views, slide_inference
+    from harness.models import load_checkpoint
+
+    image = _read_image(Path(args.image))
+    overrides = {"attention": args.attention} if args.attention else {}
+    model, cfg = load_checkpoint(args.checkpoint, **overrides)
+    scales, flip = (cfg.eval.scales, cfg.eval.flip) if args.ms_flip else ((1.0,), False)
+    views, flipped = make_views(torch.from_numpy(image).permute(2, 0, 1), cfg.data.test_scale, cfg.mean, cfg.std,
+                                scales, flip)
+    probs = slide_inference(model, views, flipped, image.shape[:2], cfg.eval.window, cfg.eval.stride,
+                            cfg.eval.batch_size, cfg.eval.small_views)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    colorize(probs.argmax(0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, out)
+    if args.logits:
+        logits_path = Path(args.logits)
+        tmp = logits_path.with_name(logits_path.name + ".tmp.npy")
+        np.save(tmp, probs.numpy().astype(np.float32))
+        os.replace(tmp, logits_path)
+    print(f"{out}: {image.shape[1]}x{image.shape[0]}, window {cfg.eval.window}, stride {cfg.eval.stride}, "
+          f"scales {list(scales)}, flip {flip}")
+    return 0
+
+
+def _zoo_model_dims():
+    from harness.config import load_config, zoo_names
+    from kernels.profile import ModelDims
+
+    dims = []
+    for name in zoo_names():
+        m = load_config(name).model
+        dims.append(ModelDims(name=name, d_model=m.d_model, n_heads=m.n_heads, patch_size=m.patch_size,
+                              n_extra_tokens=2 if m.distilled else 1, n_cls=m.n_cls,
+                              decoder="mask" if m.decoder.name == "mask_transformer" else "linear",
+                              n_dec_heads=max(m.d_model // 64, 1)))
+    return dims
+
+
+def cmd_kernels_profile(args: argparse.Namespace) -> int:
+    from kernels import profile
+
+    return profile.run(args, _zoo_model_dims())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segrepro", description=(
+                                     "Reproduce, benchmark and profile the Segmenter ADE20K model zoo."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("zoo", help="list the zoo configurations with their documented figures")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("predict", help="segment one image with a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="reference run directory, its checkpoint.pth, or a segrepro checkpoint")
+    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip views (the config's scales)")
+    p.add_argument("--out", required=True, help="output mask PNG, coloured with the ADE20K palette")
+    p.add_argument("--logits", help="also save the class probabilities [C, H, W] as float32 .npy")
+    p.add_argument("--attention", choices=["torch", "triton"], help="attention implementation (default: the config's)")
+    p.set_defaults(func=cmd_predict)
+
+    from harness.data import bench, check, download, synth
+
+    data = sub.add_parser("data", help="ADE20K: download, check, generate, benchmark the pipeline")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    for name, module, text in (("check", check, "verify a dataset's layout and files"),
+                               ("download", download, "download and extract ADEChallengeData2016.zip"),
+                               ("synth", synth, "write a generated dataset in the ADE20K layout"),
+                               ("bench", bench, "images per second of the training pipeline")):
+        p = data_sub.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
+    kern = sub.add_parser("kernels", help="Triton kernels")
+    kern_sub = kern.add_subparsers(dest="kernels_command", required=True, metavar="ACTION")
+    p = kern_sub.add_parser("profile", help="time the kernels against PyTorch on this GPU (correctness check without one)")
+    from kernels import profile
+
+    profile.add_arguments(p)
+    p.set_defaults(func=cmd_kernels_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.models import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, InputError) as e:
+        print(f"segrepro: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segrepro: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
