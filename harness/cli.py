@@ -7,11 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from harness.config import ConfigError
-
-
-class InputError(ValueError):
-    """Bad input from the command line: one message naming what is wrong, exit code 2."""
+from harness.config import InputError
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -103,6 +99,49 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.evaluate import Protocol, run_eval
+
+    cfg = load_config(args.config, recipe=args.recipe, overrides=_attention_overrides(args))
+    if not Path(args.data_root).exists():
+        raise InputError(f"--data-root {args.data_root}: no such directory")
+    protocol = Protocol.of(cfg, args.ms_flip)
+    if not args.json:
+        print(f"{cfg.name} ({cfg.recipe} recipe) {protocol.describe()}", file=sys.stderr)
+    out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.recipe}"
+    try:
+        record = run_eval(args.checkpoint, cfg, args.data_root, args.ms_flip, args.limit, args.workers, out,
+                          progress=not args.json)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(str(e)) from None
+    if args.json:
+        print(json.dumps({k: v for k, v in record.items() if k != "per_class"}, indent=2))
+    else:
+        print(f"{cfg.name}: mIoU {record['mIoU']:.2f}, mAcc {record['mAcc']:.2f}, aAcc {record['aAcc']:.2f} "
+              f"over {record['images']} images ({record['images_per_s']:.2f} img/s)\n  {protocol.describe()}\n"
+              f"  results in {out}")
+    return 0
+
+
+def _attention_overrides(args: argparse.Namespace) -> dict:
+    a = getattr(args, "attention", None)
+    return {"model": {"attention": a, "mask_step": a}} if a else {}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.benchmark import benchmark, format_result
+    from harness.config import load_config
+
+    cfg = load_config(args.config, recipe=args.recipe)
+    result = benchmark(cfg, args.checkpoint, args.batch_size, args.image_size, args.precision, args.attention,
+                       args.warmup, args.repeats)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
 def _zoo_model_dims():
     from harness.config import load_config, zoo_names
     from kernels.profile import ModelDims
@@ -141,6 +180,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["torch", "triton"], help="attention implementation (default: the config's)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("eval", help="mIoU of a checkpoint on the validation split (ss or ms+flip)")
+    p.add_argument("config", help="zoo configuration name or YAML path (gives the evaluation protocol)")
+    p.add_argument("--checkpoint", required=True, help="reference run directory, checkpoint.pth, or a segrepro checkpoint")
+    p.add_argument("--data-root", required=True, help="directory holding ADEChallengeData2016 (or that directory)")
+    p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip (the config's scales)")
+    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit)")
+    p.add_argument("--limit", type=int, help="only the first N validation images")
+    p.add_argument("--workers", type=int, default=1, help="shard the split over N Ray workers")
+    p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")
+    p.add_argument("--out", help="directory for <mode>_metrics.json and <mode>_per_class.csv")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="throughput, latency, FLOPs, parameters and peak memory of a zoo model")
+    p.add_argument("config", help="zoo configuration name or YAML path")
+    p.add_argument("--checkpoint", help="weights to time (default: freshly initialised; speed does not depend on them)")
+    p.add_argument("--recipe", help="named recipe")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--image-size", type=int, help="square input size of the forward timing (default: the window)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bench)
+
     from harness.data import bench, check, download, synth
 
     data = sub.add_parser("data", help="ADE20K: download, check, generate, benchmark the pipeline")
@@ -164,13 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.models import CheckpointError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, CheckpointError, InputError) as e:
+    except InputError as e:
         print(f"segrepro: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

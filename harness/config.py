@@ -28,7 +28,11 @@ NORMALIZATION = {
 }
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input (a file, a field, a value): one message naming it; the CLI exits with 2."""
+
+
+class ConfigError(InputError):
     """A configuration problem: which file, which field, what was expected."""
 
     def __init__(self, file: str | os.PathLike | None, field: str | None, message: str):

@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+
+from harness.data.transforms import normalize, rescale_size
 
 
 def upsample_to_window(im: torch.Tensor, window: int) -> torch.Tensor:
@@ -89,31 +92,19 @@ def slide_inference(model: nn.Module, views: Sequence[torch.Tensor], flipped: Se
     return probs / len(views)
 
 
-def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [3, H, W] (or [B, 3, H, W]) on the 0..255 scale -> normalised float32."""
-    m = torch.tensor(mean, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=image.device).view(-1, 1, 1)
-    return (image.float() - m) / s
-
-
-def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """MMSegmentation ``Resize(keep_ratio=True)``: the largest size that fits ``scale``
-    (long, short) keeping the aspect ratio, rounded half up."""
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
-    return int(h * factor + 0.5), int(w * factor + 0.5)
-
-
 def make_views(image: torch.Tensor, test_scale: int, mean: Sequence[float], std: Sequence[float],
                scales: Sequence[float] = (1.0,), flip: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
-    """Normalised views of a uint8 image [3, H, W]: for each ratio, the image resized to fit
-    (4 * test_scale * r, test_scale * r) (ADE20K's (2048, 512) at 512), then its mirror if ``flip``."""
+    """Normalised views [1, 3, h, w] of a uint8 image [3, H, W], as MMSegmentation's
+    ``MultiScaleFlipAug`` builds them for the reference: for each ratio r the uint8 image
+    resized to fit (int(4 * test_scale * r), int(test_scale * r)) ((2048, 512) at r = 1),
+    normalised, then mirrored too if ``flip``."""
     views, flipped = [], []
-    x = normalize(image, mean, std)[None]
     h, w = image.shape[-2:]
     for r in scales:
         size = rescale_size(h, w, (int(4 * test_scale * r), int(test_scale * r)))
-        v = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        resized = image if size == (h, w) else TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR,
+                                                         antialias=False)
+        v = normalize(resized, mean, std)[None]
         views.append(v)
         flipped.append(False)
         if flip:

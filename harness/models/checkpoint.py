@@ -10,13 +10,13 @@ import torch.nn as nn
 import yaml
 from timm.layers import resample_abs_pos_embed
 
-from harness.config import Config, ConfigError, config_from_dict
+from harness.config import Config, ConfigError, InputError, config_from_dict
 from harness.models.segmenter import Segmenter, build_model
 
 SEGREPRO_FORMAT = "segrepro-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not fit: names the file and every mismatching key."""
 
 

@@ -1,0 +1,139 @@
+"""Throughput of a zoo model: forward images per second and latency, one full sliding-window
+evaluation of an ADE-sized image, FLOPs, parameters, peak memory, and the device facts.
+
+Protocol as timm's ``benchmark.py`` and MMSegmentation's ``tools/analysis_tools/benchmark.py``:
+``cudnn.benchmark`` on, warm-up runs discarded, every run timed on its own with the device
+synchronised, the median reported. Every figure carries the protocol that produced it.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from harness.config import Config
+from harness.inference import slide_inference
+from harness.models import build_model, count_parameters, load_checkpoint
+from kernels.device import device_facts
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def time_runs(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs after ``warmup`` discarded ones."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA allocator peak"
+    # ru_maxrss is in KiB on Linux: the whole process's peak resident set
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, image_size: int | None = None,
+              precision: str = "fp32", attention: str | None = None, warmup: int = 5, repeats: int = 30,
+              slide_repeats: int | None = None, device: str | None = None) -> dict:
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    overrides = {"attention": attention, "mask_step": attention} if attention else {}
+    if checkpoint:
+        model, _ = load_checkpoint(checkpoint, **overrides)
+    else:
+        # throughput does not depend on the weights: a freshly initialised model times the same
+        model_cfg = cfg.model if not overrides else type(cfg.model)(**{**cfg.model.__dict__, **overrides})
+        model = build_model(model_cfg).eval()
+    model.to(device_t)
+    size = image_size or cfg.eval.window
+    if device_t.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device_t)
+    x = torch.randn(batch_size, 3, size, size, device=device_t)
+    # an ADE20K-sized image at the test scale (ADE20K images are mostly 4:3 landscape)
+    ade = torch.randn(1, 3, cfg.data.test_scale, round(cfg.data.test_scale * 4 / 3), device=device_t)
+
+    with torch.no_grad(), _autocast(device_t, precision):
+        forward = time_runs(lambda: model(x), device_t, warmup, repeats)
+        slide = time_runs(lambda: slide_inference(model, [ade], [False], tuple(ade.shape[-2:]), cfg.eval.window,
+                                                  cfg.eval.stride, cfg.eval.batch_size, cfg.eval.small_views),
+                          device_t, min(warmup, 2), slide_repeats or max(repeats // 5, 3))
+    memory, memory_kind = peak_memory_mb(device_t)
+    flops = count_flops(model, x[:1])
+    median = statistics.median(forward)
+    protocol = {
+        "batch_size": batch_size, "precision": precision, "image_size": size,
+        "attention": attention or cfg.model.attention, "warmup": warmup, "repeats": repeats,
+        "slide_image": list(ade.shape[-2:]), "window": cfg.eval.window, "stride": cfg.eval.stride,
+        "device": str(device_t),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device_t.type == "cuda" else None,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32 if device_t.type == "cuda" else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if device_t.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    return {
+        "config": cfg.name,
+        "images_per_s": batch_size / median,
+        "latency_median_ms": median * 1e3,
+        "latency_p90_ms": _percentile(forward, 90) * 1e3,
+        "slide_latency_median_ms": statistics.median(slide) * 1e3,
+        "slide_images_per_s": 1 / statistics.median(slide),
+        "gflops": flops / 1e9,
+        "params_m": count_parameters(model) / 1e6,
+        "peak_memory_mb": memory,
+        "peak_memory_kind": memory_kind,
+        "protocol": protocol,
+        "device_facts": device_facts(device_t.index or 0),
+    }
+
+
+def format_result(r: dict) -> str:
+    p = r["protocol"]
+    lines = [
+        f"{r['config']}: {r['images_per_s']:.2f} img/s, latency median {r['latency_median_ms']:.1f} ms, "
+        f"p90 {r['latency_p90_ms']:.1f} ms (forward, batch {p['batch_size']}, {p['image_size']}x{p['image_size']}, "
+        f"{p['precision']}, attention {p['attention']})",
+        f"  sliding window on {p['slide_image'][0]}x{p['slide_image'][1]} (window {p['window']}, stride {p['stride']}): "
+        f"{r['slide_latency_median_ms']:.1f} ms per image",
+        f"  {r['gflops']:.1f} GFLOPs per image, {r['params_m']:.2f} M parameters, "
+        f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
+        f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
+        f"TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, CPU threads {p['cpu_threads']}",
+    ]
+    facts = r["device_facts"]
+    lines.append("  " + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None))
+    return "\n".join(lines)

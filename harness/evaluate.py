@@ -1,0 +1,178 @@
+"""Single-scale and multi-scale+flip evaluation on ADE20K with a streaming confusion matrix,
+on one process, sharded over Ray workers, or inside a torch.distributed job."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from harness.config import Config
+from harness.data.ade20k import ADE20K, CLASSES
+from harness.inference import make_views, slide_inference
+from harness.metrics import ConfusionMatrix
+
+Predictor = Callable[[dict], torch.Tensor]  # dataset item -> classes [H, W]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What produced an mIoU: printed and saved beside every result."""
+
+    mode: str  # "ss" or "msflip"
+    window: int
+    stride: int
+    test_scale: int
+    scales: tuple[float, ...]
+    flip: bool
+    small_views: str
+
+    @classmethod
+    def of(cls, cfg: Config, ms_flip: bool) -> "Protocol":
+        e = cfg.eval
+        return cls("msflip" if ms_flip else "ss", e.window, e.stride, cfg.data.test_scale,
+                   tuple(e.scales) if ms_flip else (1.0,), e.flip if ms_flip else False, e.small_views)
+
+    def describe(self) -> str:
+        return (f"{self.mode}: window {self.window}, stride {self.stride}, test scale {self.test_scale}, "
+                f"scales {list(self.scales)}, flip {self.flip}, small views {self.small_views}")
+
+
+def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol, device: torch.device | str = "cpu",
+                    mean=None, std=None) -> Predictor:
+    """Dataset item (uint8 image [H, W, 3]) -> predicted classes [H, W] at the original resolution."""
+    mean = cfg.mean if mean is None else mean
+    std = cfg.std if std is None else std
+
+    def predict(item: dict) -> torch.Tensor:
+        image = item["image"]
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
+        views, flipped = make_views(img, protocol.test_scale, mean, std, protocol.scales, protocol.flip)
+        probs = slide_inference(model, views, flipped, image.shape[:2], protocol.window, protocol.stride,
+                                cfg.eval.batch_size, protocol.small_views)
+        return probs.argmax(0).cpu()
+
+    return predict
+
+
+def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150, limit: int | None = None,
+                     progress: bool = True, desc: str = "eval") -> ConfusionMatrix:
+    """Accumulate one confusion matrix over (the first ``limit`` items of) ``dataset``."""
+    cm = ConfusionMatrix(num_classes)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in tqdm(range(n), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        item = dataset[i]
+        cm.update(predict(item), torch.from_numpy(item["label"]))
+    return cm
+
+
+def all_reduce_confusion(cm: ConfusionMatrix) -> ConfusionMatrix:
+    """Sum the ranks' matrices once when running inside torch.distributed (gloo or NCCL)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        mat = cm.mat.cuda() if backend == "nccl" else cm.mat
+        dist.all_reduce(mat)
+        cm.mat = mat.cpu()
+    return cm
+
+
+def _limited(dataset: ADE20K, limit: int | None) -> ADE20K:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    part = dataset.shard(0, 1)
+    part._indices = part._indices[:limit]
+    return part
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: str | os.PathLike,
+                        ms_flip: bool = False, limit: int | None = None, workers: int = 1,
+                        progress: bool = True, ray_address: str | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
+    """Evaluate a checkpoint on the validation split of ``data_root`` with ``cfg``'s protocol.
+
+    ``workers > 1`` shards the split over Ray tasks (one GPU each where there are GPUs), each
+    accumulating its own matrix; the matrices are merged once.
+    """
+    protocol = Protocol.of(cfg, ms_flip)
+    dataset = _limited(ADE20K(data_root, "validation"), limit)
+    if workers <= 1:
+        return _evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress), protocol, len(dataset)
+    import ray
+
+    from harness.raylib import ensure_ray
+
+    ensure_ray(ray_address)
+    use_gpu = torch.cuda.is_available()
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_evaluate_shard)
+    refs = [task.remote(str(checkpoint), cfg, protocol, dataset.shard(r, workers), False) for r in range(workers)]
+    total = ConfusionMatrix(cfg.model.n_cls)
+    for cm in ray.get(refs):
+        total.merge(cm)
+    return total, protocol, len(dataset)
+
+
+def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20K,
+                    progress: bool) -> ConfusionMatrix:
+    from harness.models import load_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, ckpt_cfg = load_checkpoint(checkpoint, attention=cfg.model.attention, mask_step=cfg.model.mask_step)
+    model.to(device)
+    # normalise as the weights were trained, evaluate with the requested protocol
+    predict = model_predictor(model, cfg, protocol, device, ckpt_cfg.mean, ckpt_cfg.std)
+    return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode)
+
+
+def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: int, seconds: float) -> dict:
+    out = cm.compute()
+    return {
+        "config": cfg.name, "recipe": cfg.recipe, "protocol": protocol.__dict__ | {"scales": list(protocol.scales)},
+        "mIoU": out["mIoU"], "mAcc": out["mAcc"], "aAcc": out["aAcc"], "images": images,
+        "seconds": seconds, "images_per_s": images / seconds if seconds else None,
+        "per_class": [{"class": name, "IoU": iou, "Acc": acc}
+                      for name, iou, acc in zip(CLASSES, out["IoU"], out["Acc"])],
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
+    """``<mode>_metrics.json`` (metrics + protocol) and ``<mode>_per_class.csv`` (class, IoU, Acc)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = record["protocol"]["mode"]
+    metrics_path, csv_path = out_dir / f"{mode}_metrics.json", out_dir / f"{mode}_per_class.csv"
+    summary = {k: v for k, v in record.items() if k != "per_class"}
+    _atomic_write(metrics_path, json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["class", "IoU", "Acc"])
+    writer.writeheader()
+    writer.writerows(record["per_class"])
+    _atomic_write(csv_path, buf.getvalue())
+    return metrics_path, csv_path
+
+
+def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | None, workers: int,
+             out_dir, progress: bool = True, ray_address: str | None = None) -> dict:
+    start = time.perf_counter()
+    cm, protocol, images = evaluate_checkpoint(checkpoint, cfg, data_root, ms_flip, limit, workers, progress,
+                                               ray_address)
+    record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
+    if out_dir is not None:
+        write_result(out_dir, record)
+    return record
+

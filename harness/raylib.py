@@ -1,0 +1,25 @@
+"""Joining or starting Ray the quiet way, with one clear error for an unreachable cluster."""
+from __future__ import annotations
+
+import os
+
+from harness.config import InputError
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start an embedded local Ray (no ``address``) or join the cluster at ``address``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers inherit the driver's environment: TRITON_INTERPRET, SEGREPRO_EXPERIMENTS, ...
+    runtime_env = {"env_vars": {k: v for k, v in os.environ.items()
+                                if k.startswith(("SEGREPRO_", "TRITON_"))}}
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise InputError(f"Ray address {address!r}: cannot connect ({e})") from None

@@ -1,0 +1,123 @@
+"""Evaluation: the metric pipeline end to end, determinism, sharding, bounded memory, CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness.config import load_config
+from harness.data.ade20k import ADE20K
+from harness.data.synth import synthesize
+from harness.evaluate import evaluate_checkpoint, evaluate_dataset
+from harness.models import load_checkpoint
+
+FIXTURE = "tests/fixtures/vit_mask"
+
+
+@pytest.fixture(scope="module")
+def ade_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade")
+    synthesize(root, train=2, val=6, size=(72, 100), classes=6, seed=1)
+    return root
+
+
+def _fixture_cfg():
+    _, cfg = load_checkpoint(FIXTURE)
+    return cfg
+
+
+def test_oracle_predictions_give_100(ade_root):
+    ds = ADE20K(ade_root, "validation")
+    cm = evaluate_dataset(lambda item: torch.from_numpy(item["label"]).long().masked_fill(
+        torch.from_numpy(item["label"]) == 255, 0), ds, progress=False)
+    out = cm.compute()
+    assert out["mIoU"] == 100.0 and out["aAcc"] == 100.0
+    labelled = (cm.mat.sum(1) > 0).sum().item()
+    assert 1 < labelled <= 6  # the generated classes, counted at the original resolution
+
+
+def test_ss_and_msflip_deterministic_and_sharded_identically(ade_root):
+    cfg = _fixture_cfg()
+    for ms in (False, True):
+        a, proto, n = evaluate_checkpoint(FIXTURE, cfg, ade_root, ms_flip=ms, progress=False)
+        b, _, _ = evaluate_checkpoint(FIXTURE, cfg, ade_root, ms_flip=ms, progress=False)
+        assert n == 6 and torch.equal(a.mat, b.mat)
+        assert a.mat.sum() == 6 * 72 * 100 - _ignored(ade_root)
+        assert proto.scales == (tuple(cfg.eval.scales) if ms else (1.0,))
+
+
+def _ignored(root) -> int:
+    return sum(int((item["label"] == 255).sum()) for item in ADE20K(root, "validation"))
+
+
+def test_one_and_two_ray_workers_give_identical_matrices(ade_root):
+    import ray
+
+    cfg = _fixture_cfg()
+    one, _, _ = evaluate_checkpoint(FIXTURE, cfg, ade_root, progress=False)
+    try:
+        two, _, _ = evaluate_checkpoint(FIXTURE, cfg, ade_root, workers=2, progress=False)
+    finally:
+        ray.shutdown()
+    assert torch.equal(one.mat, two.mat)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True)
+
+
+def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path):
+    cfg_path = tmp_path / "fixture.yaml"
+    # the fixture's protocol (window 64, stride 48, test scale 64) as a config file
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(_fixture_cfg().to_dict()))
+    res = _cli("eval", str(cfg_path), "--checkpoint", FIXTURE, "--data-root", str(ade_root), "--ms-flip",
+               "--out", str(tmp_path / "out"), "--json")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout)
+    saved = json.loads((tmp_path / "out" / "msflip_metrics.json").read_text())
+    assert saved["mIoU"] == record["mIoU"] and 0 <= record["mIoU"] <= 100
+    assert saved["protocol"] == {"mode": "msflip", "window": 64, "stride": 48, "test_scale": 64,
+                                 "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True, "small_views": "upsample"}
+    rows = (tmp_path / "out" / "msflip_per_class.csv").read_text().splitlines()
+    assert rows[0] == "class,IoU,Acc" and rows[1].startswith("wall,") and len(rows) == 151
+    missing = _cli("eval", "seg_tiny_mask", "--checkpoint", FIXTURE, "--data-root", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "nope" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_eval_memory_does_not_grow_with_the_split(tmp_path):
+    synthesize(tmp_path, train=1, val=2000, size=(40, 56), classes=4, seed=2)
+    code = ("import resource, sys; from harness.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    import yaml
+
+    cfg_path = tmp_path / "fixture.yaml"
+    cfg_path.write_text(yaml.safe_dump(_fixture_cfg().to_dict()))
+    peaks = {}
+    for limit in (200, 2000):
+        res = subprocess.run([sys.executable, "-c", code, "eval", str(cfg_path), "--checkpoint", FIXTURE,
+                              "--data-root", str(tmp_path), "--limit", str(limit), "--json",
+                              "--out", str(tmp_path / f"o{limit}")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        peaks[limit] = int(res.stdout.split("MAXRSS")[1])
+        assert json.loads(res.stdout.split("MAXRSS")[0])["images"] == limit
+    print("peak RSS KiB", peaks)
+    assert peaks[2000] <= 1.10 * peaks[200]
+
+
+def test_bench_cli_reports_figures_with_protocol():
+    res = _cli("bench", "seg_tiny_mask", "--image-size", "64", "--warmup", "1", "--repeats", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    cfg = load_config("seg_tiny_mask")
+    assert r["images_per_s"] > 0 and r["latency_p90_ms"] >= r["latency_median_ms"] > 0
+    assert r["slide_latency_median_ms"] > 0 and r["peak_memory_mb"] > 0
+    assert r["protocol"]["window"] == cfg.eval.window and r["protocol"]["stride"] == cfg.eval.stride
+    assert r["protocol"]["batch_size"] == 1 and r["protocol"]["image_size"] == 64
+    # FLOPs at least those of the encoder's weight matmuls: 2 * params * tokens
+    tokens = (64 // 16) ** 2 + 1
+    assert r["gflops"] * 1e9 > 2 * 12 * (12 * 192 * 192) * tokens
+    assert "cpu" in json.dumps(r["device_facts"]).lower()
