@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 
+    from reports import build as report_build
+
+    p = sub.add_parser("report", help="documented against reproduced: Markdown, HTML, CSV and plots from MLflow runs")
+    report_build.add_arguments(p)
+    p.set_defaults(func=report_build.run)
+
     kern = sub.add_parser("kernels", help="Triton kernels")
     kern_sub = kern.add_subparsers(dest="kernels_command", required=True, metavar="ACTION")
     p = kern_sub.add_parser("profile", help="time the kernels against PyTorch on this GPU (correctness check without one)")

@@ -1,0 +1,123 @@
+"""Markdown and self-contained HTML from the views; every file written atomically."""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+# Display formats by column: the figures' own precision, never more.
+_SPECIAL = {"final lr": "{:.2e}"}
+_INTEGER = {"last iteration", "best at iteration", "B", "H", "N", "D", "C"}
+_VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb"}
+
+
+@dataclass
+class Section:
+    title: str
+    intro: str                       # Markdown-free prose, shown above the table
+    table: pd.DataFrame
+    empty_text: str = "None logged."
+    image: bytes | None = None       # PNG
+    image_name: str = ""             # file stem for the Markdown report's plots/
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary file in the same directory, then rename over the target: a reader
+    never sees half a report, and a failed write leaves the previous one in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make a shared report unreadable
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _cell(column: str, value) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "–"
+    if column == "run_id":
+        return value[:8]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if column in _INTEGER:
+            return f"{value:.0f}"
+        if column.endswith("frac peak"):
+            return f"{value:.3f}"
+        return _SPECIAL.get(column, "{:.2f}").format(value)
+    return str(value)
+
+
+def display(df: pd.DataFrame) -> pd.DataFrame:
+    """The view as the strings both reports show (run ids shortened, missing values as –)."""
+    out = pd.DataFrame({col: [_cell(col, v) for v in df[col]] for col in df.columns}, index=df.index)
+    return out.rename(columns={"run_id": "run"})
+
+
+def markdown(title: str, header: list[str], sections: list[Section], notes: list[str]) -> str:
+    lines = [f"# {title}", ""] + [f"- {h}" for h in header] + [""]
+    for s in sections:
+        lines += [f"## {s.title}", "", s.intro, ""]
+        if s.table.empty:
+            lines += [s.empty_text, ""]
+        else:
+            lines += [display(s.table).to_markdown(index=False, disable_numparse=True), ""]
+        if s.image is not None:
+            lines += [f"![{s.title}](plots/{s.image_name}.png)", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def _colour_verdict(value: str) -> str:
+    colour = _VERDICT_COLOUR.get(value.split(":")[0])
+    return f"background-color: {colour}" if colour else ""
+
+
+def _styled(df: pd.DataFrame, uid: str) -> str:
+    shown = display(df)
+    styler = shown.style.hide(axis="index").set_table_attributes('class="report"')
+    styler.set_uuid(uid)
+    marked = [c for c in shown.columns if c.startswith("verdict") or c == "status"]
+    if marked:
+        styler = styler.map(_colour_verdict, subset=marked)
+    return styler.to_html()
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
+table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+table.report th { background: #f2f2f2; }
+table.report td:first-child, table.report th:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; }
+"""
+
+
+def html_page(title: str, header: list[str], sections: list[Section], notes: list[str]) -> str:
+    """One file with everything inline (styles, tables, base64 PNGs): it opens anywhere,
+    offline, and can be attached or archived alone."""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><ul>"]
+    parts += [f"<li>{html.escape(h)}</li>" for h in header] + ["</ul>"]
+    for i, s in enumerate(sections):
+        parts += [f"<h2>{html.escape(s.title)}</h2>", f"<p>{html.escape(s.intro)}</p>"]
+        parts.append(f"<p>{html.escape(s.empty_text)}</p>" if s.table.empty else _styled(s.table, f"t{i}"))
+        if s.image is not None:
+            data = base64.b64encode(s.image).decode()
+            parts.append(f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{data}'>")
+    if notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)

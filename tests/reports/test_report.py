@@ -1,0 +1,225 @@
+"""The report against a generated MLflow store: right numbers in the right cells, verdicts
+included; documented figures are read from experiments/documented.yaml, never written here."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+import pytest
+
+from harness.config import load_documented, zoo_names
+from reports import build, tables
+from reports.collect import collect
+
+
+def md_table(text: str, heading: str) -> list[dict]:
+    """The rows of the Markdown table under ``## heading``, as {column: cell}."""
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def by_config(rows: list[dict]) -> dict[str, dict]:
+    return {r["config"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def markdown(report):
+    out, _ = report
+    return (out / "report.md").read_text()
+
+
+def test_miou_view_numbers_and_verdicts(store, report):
+    _, result = report
+    rows = by_config(result["miou"])
+    doc, logged = store.doc, store.logged
+    tiny = rows["seg_tiny_mask"]
+    # Every documented source beside the reproduced figures.
+    assert tiny["PaddleViT ss"] == doc["seg_tiny_mask", "paddlevit", "miou_ss"]
+    assert tiny["reference ms+flip"] == doc["seg_tiny_mask", "reference", "miou_msflip"]
+    assert tiny["MMSeg ss"] == doc["seg_tiny_mask", "mmseg", "miou_ss"]
+    assert tiny["segrepro ss"] == pytest.approx(logged["tiny"]["ss/mIoU"])
+    assert tiny["Δ ss"] == pytest.approx(logged["tiny"]["ss/mIoU"] - doc["seg_tiny_mask", "reference", "miou_ss"])
+    assert tiny["Δ ms+flip"] == pytest.approx(
+        logged["tiny"]["msflip/mIoU"] - doc["seg_tiny_mask", "reference", "miou_msflip"])
+    assert (tiny["vs ss"], tiny["verdict ss"], tiny["verdict ms+flip"]) == ("reference", "reproduced", "reproduced")
+    assert tiny["run_id"] == store.runs["tiny"]  # the newest run, not the superseded failure
+
+    small = rows["seg_small_mask"]
+    assert small["Δ ss"] == pytest.approx(-2.0)
+    assert (small["verdict ss"], small["verdict ms+flip"]) == ("below", "above")
+
+
+def test_baseline_follows_the_runs_recipe(store, report):
+    doc = store.doc
+    pvt, ref = doc["seg_base_deit_mask", "paddlevit", "miou_ss"], doc["seg_base_deit_mask", "reference", "miou_ss"]
+    # Only meaningful if the two sources disagree by more than the tolerance.
+    assert abs(pvt + 0.1 - ref) > tables.TOLERANCE
+    row = by_config(report[1]["miou"])["seg_base_deit_mask"]
+    assert (row["vs ss"], row["verdict ss"]) == ("PaddleViT", "reproduced")
+    assert row["Δ ss"] == pytest.approx(0.1)
+    # PaddleViT documents no ms+flip: that column falls back to the reference, and nothing was logged.
+    assert (row["vs ms+flip"], row["verdict ms+flip"]) == ("reference", "no result")
+
+
+def test_smoke_failed_and_missing_rows(store, report):
+    rows = by_config(report[1]["miou"])
+    smoke = rows["seg_base_mask"]
+    assert smoke["profile"] == "smoke"
+    assert smoke["segrepro ss"] == pytest.approx(store.logged["base_smoke"]["ss/mIoU"])
+    assert smoke["verdict ss"] == smoke["verdict ms+flip"] == "no verdict (smoke)"
+    assert smoke["Δ ss"] is None and smoke["Δ ms+flip"] is None
+
+    failed = rows["seg_base_deit_linear"]
+    assert failed["verdict ss"] == "failed"
+    assert failed["status"] == "failed: CUDA out of memory"  # first line of the error tag
+    assert failed["run_id"] == store.runs["deit_linear_failed"]
+
+    stale = rows["seg_large_mask_640"]
+    assert (stale["profile"], stale["status"], stale["verdict ms+flip"]) == ("smoke", "failed: no error recorded", "failed")
+
+    run_configs = {"seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask",
+                   "seg_large_mask_640"}
+    for name in set(zoo_names()) - run_configs:
+        assert rows[name]["verdict ss"] == rows[name]["status"] == "not run", name
+    documented_only = {d["config"] for d in load_documented()} - set(zoo_names())
+    assert documented_only, "documented.yaml lists a row with no zoo configuration"
+    for name in documented_only:
+        assert rows[name]["status"] == "no configuration"
+    assert len(report[1]["miou"]) == len(set(zoo_names()) | documented_only)
+
+
+def test_tolerance_is_a_parameter(store, report):
+    c = collect(store.uri)
+    strict = by_config(tables.miou_view(c, tolerance=0.1).to_dict("records"))
+    assert strict["seg_tiny_mask"]["verdict ss"] == "above"  # +0.3
+    assert strict["seg_tiny_mask"]["verdict ms+flip"] == "below"  # -0.4
+    assert tables.verdict(0.5) == "reproduced" and tables.verdict(-0.51) == "below"
+
+
+def test_results_csv_is_the_long_table(store, report):
+    out, _ = report
+    long = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert list(long.columns) == ["config", "source", "metric", "value", "protocol", "profile", "run_id", "status"]
+    documented = long[long["source"] != "segrepro"]
+    expected = pd.DataFrame(load_documented())
+    assert len(documented) == len(expected)
+    assert sorted(documented["value"]) == sorted(expected["value"])
+
+    mine = long[long["source"] == "segrepro"]
+    small = mine[mine["run_id"] == store.runs["small"]].set_index("metric")
+    assert small.loc["miou_ss", "value"] == pytest.approx(store.logged["small"]["ss/mIoU"])
+    assert "stride 480" in small.loc["miou_ss", "protocol"] and "single scale" in small.loc["miou_ss", "protocol"]
+    assert "scales [0.5, 0.75" in small.loc["miou_msflip", "protocol"]
+    tiny = mine[mine["run_id"] == store.runs["tiny"]].set_index("metric")
+    assert tiny.loc["fps", "value"] == pytest.approx(store.logged["tiny"]["bench/images_per_s"])
+    assert "batch 1, fp32" in tiny.loc["fps", "protocol"]
+    # Every configuration run is listed, the superseded and the metric-less ones included.
+    assert set(mine["run_id"]) == {v for k, v in store.runs.items() if k != "kernels"}
+    assert set(mine.loc[mine["run_id"] == store.runs["tiny_old"], "status"]) == {"failed"}
+
+
+def test_throughput_view(store, report):
+    rows = report[1]["throughput"]
+    assert [r["config"] for r in rows] == ["seg_tiny_mask"]  # the only run with a benchmark
+    row, logged, doc = rows[0], store.logged["tiny"], store.doc
+    assert row["images/s"] == pytest.approx(logged["bench/images_per_s"])
+    assert row["latency p90 ms"] == pytest.approx(logged["bench/latency_p90_ms"])
+    assert row["peak memory MB"] == pytest.approx(logged["bench/peak_memory_mb"])
+    assert row["device"] == "cpu" and row["protocol"] == "cpu, batch 1, fp32, image 512"
+    assert row["reference fps"] == doc["seg_tiny_mask", "reference", "fps"]
+    assert row["MMSeg fps"] == doc["seg_tiny_mask", "mmseg", "fps"]
+    assert row["MMSeg train memory GB"] == doc["seg_tiny_mask", "mmseg", "train_memory"]
+
+
+def test_kernels_view_uses_the_median(store, report):
+    rows = report[1]["kernels"]
+    assert len(rows) == len({(r[0], r[5]) for r in store.kernel_rows})  # one row per kernel and shape
+    median = {(k, impl, n): tf for k, impl, _, _, _, n, _, _, stat, tf in store.kernel_rows if stat == "median"}
+    for r in rows:
+        for impl in ("torch", "triton"):
+            assert r[f"{impl} TFLOP/s"] == pytest.approx(median[r["kernel"], impl, r["N"]])
+            assert r[f"{impl} frac peak"] == pytest.approx(median[r["kernel"], impl, r["N"]] / 20.0)
+
+
+def test_curves_view(report):
+    (row,) = report[1]["curves"]
+    assert row["config"] == "seg_tiny_mask"
+    assert (row["last iteration"], row["best val mIoU"], row["best at iteration"]) == (100, 30.0, 100)
+    assert row["final loss"] == pytest.approx(3.0)
+
+
+def test_markdown_cells(store, report, markdown):
+    out, _ = report
+    rows = by_config(md_table(markdown, "mIoU: documented vs reproduced"))
+    small = rows["seg_small_mask"]
+    assert small["segrepro ss"] == f"{store.logged['small']['ss/mIoU']:.2f}"
+    assert small["reference ss"] == f"{store.doc['seg_small_mask', 'reference', 'miou_ss']:.2f}"
+    assert (small["Δ ss"], small["verdict ss"], small["verdict ms+flip"]) == ("-2.00", "below", "above")
+    assert small["run"] == store.runs["small"][:8]
+    assert rows["seg_base_mask"]["Δ ss"] == "–"
+    assert rows["seg_base_deit_linear"]["status"] == "failed: CUDA out of memory"
+    assert by_config(md_table(markdown, "Throughput"))["seg_tiny_mask"]["images/s"] == "3.25"
+    for name in ("miou", "kernels", "curves"):
+        assert f"(plots/{name}.png)" in markdown
+        assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    # Written atomically: nothing of the temporary files is left behind.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _args(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    argv = []
+    for key, value in kw.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return parser.parse_args(argv)
+
+
+def test_cli_json(store, report, tmp_path, capsys):
+    assert build.run(_args(tracking_uri=store.uri, out=tmp_path / "r", json=True)) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert by_config(result["miou"])["seg_small_mask"]["verdict ss"] == "below"
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.md", "report.html", "results.csv", "plots"}
+
+
+def test_cli_default_store_in_run_dir(store, tmp_path, capsys):
+    # --run-dir alone: the store is RUN_DIR/mlflow.db and the report goes to RUN_DIR/report.
+    assert build.run(_args(run_dir=store.root)) == 0
+    text = capsys.readouterr().out
+    assert "ss: " in text and "1 below" in text
+    assert (store.root / "report" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("case", ["missing run dir", "no store file", "unreachable server"])
+def test_cli_unreadable_store(tmp_path, capsys, case):
+    if case == "missing run dir":
+        args = _args(run_dir=tmp_path / "nope")
+    elif case == "no store file":
+        args = _args(run_dir=tmp_path)
+    else:
+        import socket
+
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = _args(tracking_uri=f"http://127.0.0.1:{port}", out=tmp_path / "r")
+    assert build.run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("segrepro report: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "mlflow.db").exists()  # reading never creates a store
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_runs_is_a_documented_only_report(store, tmp_path):
+    # Partial data is normal: a store without the experiment still gives the documented table.
+    result = build.build_report(store.uri, tmp_path, experiment_name="absent")
+    assert {r["verdict ss"] for r in result["miou"]} == {"not run", "no configuration"}
+    assert result["tables"] == ["mIoU: documented vs reproduced", "Documented sources"]
+    assert result["images"] == ["miou"]
+    assert any("absent" in n for n in result["notes"])
+    text = (tmp_path / "report.md").read_text()
+    assert "No run logged a benchmark." in text and "No kernels profile logged." in text
