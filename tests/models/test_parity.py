@@ -42,3 +42,21 @@ def test_slide_parity(parity_dir):
     ms = slide_inference(model, list(x["msflip_views"]), list(x["msflip_flipped"]), (80, 112),
                          cfg.eval.window, cfg.eval.stride)
     _check(ms, exp["slide_msflip"], 1e-6)
+
+
+def test_forward_parity_with_triton_kernels(parity_dir, monkeypatch):
+    """The same Segmenter with the Triton attention and mask step (interpreter on CPU)."""
+    import kernels
+
+    calls = []
+    for name in ("attention", "mask_logits"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model, cfg = load_checkpoint(parity_dir, attention="triton", mask_step="triton")
+    assert cfg.model.attention == "triton" and cfg.model.mask_step == "triton"
+    exp = _expected(parity_dir)
+    with torch.no_grad():
+        _check(model(exp["inputs"]["x_pad"])[0], exp["forward_45x70"], 1e-5)
+    n_attn = cfg.model.n_layers + (cfg.model.decoder.n_layers if cfg.model.decoder.name == "mask_transformer" else 0)
+    assert calls.count("attention") == n_attn
+    assert calls.count("mask_logits") == (1 if cfg.model.decoder.name == "mask_transformer" else 0)
