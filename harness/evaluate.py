@@ -87,14 +87,6 @@ def all_reduce_confusion(cm: ConfusionMatrix) -> ConfusionMatrix:
     return cm
 
 
-def _limited(dataset: ADE20K, limit: int | None) -> ADE20K:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    part = dataset.shard(0, 1)
-    part._indices = part._indices[:limit]
-    return part
-
-
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: str | os.PathLike,
                         ms_flip: bool = False, limit: int | None = None, workers: int = 1,
                         progress: bool = True, ray_address: str | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
@@ -104,7 +96,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     accumulating its own matrix; the matrices are merged once.
     """
     protocol = Protocol.of(cfg, ms_flip)
-    dataset = _limited(ADE20K(data_root, "validation"), limit)
+    dataset = ADE20K(data_root, "validation")
+    dataset = dataset if limit is None else dataset.head(limit)
     if workers <= 1:
         return _evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress), protocol, len(dataset)
     import ray

@@ -128,7 +128,7 @@ def load_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3; grey or CMYK JPEGs are converted (MMSeg loads with color_type='color')."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: cannot decode image: {e}") from e
 
@@ -207,6 +207,11 @@ class ADE20K(torch.utils.data.Dataset):
     def names(self) -> list[str]:
         return [self._pairs[i][0] for i in self._indices]
 
+    def files(self, i: int) -> tuple[Path, Path]:
+        """(image path, label path) of item i."""
+        _, img, lab = self._pairs[self._indices[i]]
+        return img, lab
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -222,6 +227,12 @@ class ADE20K(torch.utils.data.Dataset):
                              f"world_size={world_size}")
         part = copy.copy(self)
         part._indices = self._indices[rank::world_size]
+        return part
+
+    def head(self, n: int) -> "ADE20K":
+        """The first ``n`` items (``--limit`` of an evaluation)."""
+        part = copy.copy(self)
+        part._indices = self._indices[:max(n, 0)]
         return part
 
     def __getitem__(self, i: int | tuple[int, int]) -> dict:
