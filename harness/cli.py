@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from harness.config import InputError
@@ -142,6 +143,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.scheduler import Options, reproduce, resolve_configs
+
+    run_dir = Path(args.run_dir).resolve()
+    opts = Options(configs=resolve_configs(args.configs), data_root=Path(args.data_root).resolve(), run_dir=run_dir,
+                   profile=args.profile, recipe=args.recipe, address=args.address, tracking_uri=args.tracking_uri,
+                   force=args.force, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                   backbone_dir=Path(args.backbone_dir) if args.backbone_dir else None, argv=sys.argv[1:])
+    start = time.perf_counter()
+    outcomes, uri = reproduce(opts)
+    seconds = time.perf_counter() - start
+    report_dir = run_dir / "report"
+    from reports.build import build_report
+
+    build_report(uri, report_dir)
+    summary = {"outcomes": outcomes, "wall_time_s": seconds, "tracking_uri": uri, "report": str(report_dir / "report.html")}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        counts = {s: sum(o["status"] == s for o in outcomes) for s in ("finished", "skipped", "failed")}
+        print(f"reproduce: {counts['finished']} finished, {counts['skipped']} skipped, {counts['failed']} failed "
+              f"in {seconds:.0f} s")
+        print(f"report: {report_dir / 'report.md'} and {report_dir / 'report.html'}")
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+        print(f"MLflow: {ui}")
+    return 1 if any(o["status"] == "failed" for o in outcomes) else 0
+
+
 def _zoo_model_dims():
     from harness.config import load_config, zoo_names
     from kernels.profile import ModelDims
@@ -205,6 +234,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
+
+    from harness import train
+
+    p = sub.add_parser("train", help="train one configuration with Ray Train (DDP, checkpoints, resume)")
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
+
+    p = sub.add_parser("reproduce", help="every configuration: train, eval ss and ms+flip, benchmark; then the report")
+    p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
+    p.add_argument("--profile", help="run profile: full or smoke (default: the config's, full)")
+    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit)")
+    p.add_argument("--data-root", required=True, help="directory holding ADEChallengeData2016 (or that directory)")
+    p.add_argument("--address", help="Ray cluster to join (default: start an embedded local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///RUN_DIR/mlflow.db)")
+    p.add_argument("--run-dir", default="runs/reproduce", help="checkpoints, results, the MLflow store and the report")
+    p.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks) per configuration")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per training worker")
+    p.add_argument("--backbone-dir", help="directory of timm ImageNet checkpoints named BACKBONE.{pth,safetensors,npz}")
+    p.add_argument("--force", action="store_true", help="rerun configurations that already have a finished run")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(func=cmd_reproduce)
 
     from harness.data import bench, check, download, synth
 

@@ -122,12 +122,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """Throughput protocol of ``reproduce``'s benchmark stage (timm / MMSeg style)."""
+
+    batch_size: int = 1
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    warmup: int = 5
+    repeats: int = 30
+
+
+@dataclass(frozen=True)
 class Config:
     name: str
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
     eval: EvalConfig
+    bench: BenchConfig = BenchConfig()
     description: str = ""
     recipe: str = "reference"
     profile: str = "full"

@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from harness.config import InputError
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connect to the GCS first: ray.init would retry an unreachable address for a minute."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"Ray address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise InputError(f"Ray address {address!r}: cannot connect ({e.strerror or e})") from None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -18,6 +32,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                                 if k.startswith(("SEGREPRO_", "TRITON_"))}}
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
