@@ -18,15 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: venv
 	$(BIN)/pytest
 
-# Until `segrepro reproduce` lands: the zoo, a generated ADE20K-layout dataset, and a
-# prediction with the reference-format parity checkpoint (random weights) on one of its images.
+# The main job on the embedded default: the five seed configurations with the smoke profile
+# on a generated dataset in the ADE20K layout (created if absent), ending with the report.
+DEMO_DATA := $(DEMO_DIR)/data
 demo: venv
-	$(BIN)/segrepro zoo
-	$(BIN)/segrepro data synth --root $(DEMO_DIR)/data --train 16 --val 8 --seed 0
-	$(BIN)/segrepro data check --root $(DEMO_DIR)/data
-	$(BIN)/segrepro predict --checkpoint tests/fixtures/vit_mask --ms-flip \
-		--image $(DEMO_DIR)/data/ADEChallengeData2016/images/validation/ADE_val_00000001.jpg \
-		--out $(DEMO_DIR)/ADE_val_00000001_mask.png
+	@test -d $(DEMO_DATA)/ADEChallengeData2016 || \
+		$(BIN)/segrepro data synth --root $(DEMO_DATA) --train 200 --val 16 --size 128x160 --classes 8 --seed 0
+	$(BIN)/segrepro reproduce --configs seed --profile smoke --data-root $(DEMO_DATA) --run-dir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

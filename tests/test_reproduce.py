@@ -1,0 +1,165 @@
+"""`segrepro reproduce` end to end on a generated dataset: killed and restarted, skipped when
+finished, bad input refused up front, and on a two-node Ray cluster with an MLflow server."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.config import experiments_dir
+from harness.data.synth import synthesize
+
+TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
+overrides:
+  data: {crop_size: 64, train_scale: [256, 64], test_scale: 64, num_workers: 0}
+  optim: {iterations: ITERS, batch_size: 2, lr: 0.01, min_lr: 0.0001, eval_interval: 1000,
+          checkpoint_interval: CKPT, log_interval: 2}
+  eval: {window: 64, stride: 48, batch_size: 4, scales: [0.75, 1.0]}
+  bench: {warmup: 1, repeats: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A copy of experiments/ with a two-layer zoo row and a tiny profile, and a dataset."""
+    root = tmp_path_factory.mktemp("reproduce")
+    exp = root / "experiments"
+    shutil.copytree(experiments_dir(), exp)
+    text = (exp / "zoo" / "seg_tiny_mask.yaml").read_text()
+    text = text.replace("d_model: 192", "d_model: 64").replace("n_layers: 12", "n_layers: 2").replace("n_heads: 3", "n_heads: 1")
+    (exp / "zoo" / "tiny_test.yaml").write_text(text)
+    (exp / "profiles" / "tiny.yaml").write_text(TINY_PROFILE.replace("ITERS", "12").replace("CKPT", "4"))
+    # long enough after its first checkpoint that a kill lands mid-training
+    (exp / "profiles" / "tiny_long.yaml").write_text(TINY_PROFILE.replace("ITERS", "240").replace("CKPT", "60"))
+    synthesize(root / "data", train=8, val=2, size=(64, 80), classes=4, seed=0)
+    environ = {**os.environ, "SEGREPRO_EXPERIMENTS": str(exp), "RAY_AUTH_MODE": "disabled"}
+    return {"root": root, "data": root / "data", "env": environ}
+
+
+def _segrepro(env, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          env=env["env"], **kw)
+
+
+def _runs(uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("segrepro")
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`segrepro.kind` = 'config'")
+
+
+def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
+    run_dir = env["root"] / "killed"
+    args = ["reproduce", "--configs", "tiny_test", "--profile", "tiny_long", "--data-root", str(env["data"]),
+            "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env["env"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(run_dir.glob("configs/*/train/ray/**/checkpoint_*")):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    client, (child,) = _runs(uri)
+    assert child.data.tags["segrepro.status"] == "running"
+
+    res = _segrepro(env, *args, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert [o["status"] for o in out["outcomes"]] == ["finished"]
+    client, (child2,) = _runs(uri)
+    assert child2.info.run_id == child.info.run_id  # the interrupted run continued, curves and all
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+    assert max(steps) == 240
+    # resumed from a checkpoint, not from zero: the first logged iteration appears once
+    assert steps.count(min(steps)) == 1
+    for key in ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s"):
+        assert key in child2.data.metrics
+    assert (run_dir / "report" / "report.html").is_file()
+
+    start = time.time()
+    again = _segrepro(env, *args, "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [o["status"] for o in json.loads(again.stdout)["outcomes"]] == ["skipped"]
+    assert time.time() - start < 60
+
+
+def test_bad_input_is_refused_before_any_work(env, tmp_path):
+    base = ["reproduce", "--profile", "tiny", "--run-dir", str(tmp_path / "run")]
+    cases = [
+        (["--configs", "seg_nope", "--data-root", str(env["data"])], "unknown configuration 'seg_nope'"),
+        (["--configs", "tiny_test", "--data-root", str(tmp_path / "missing")], "--data-root"),
+        (["--configs", "tiny_test", "--data-root", str(env["data"]), "--address", "127.0.0.1:9"], "Ray address"),
+        (["--configs", "tiny_test", "--data-root", str(env["data"]), "--tracking-uri", "http://127.0.0.1:9"],
+         "tracking URI"),
+    ]
+    for extra, message in cases:
+        res = _segrepro(env, *base, *extra)
+        assert res.returncode == 2, (extra, res.stderr[-2000:])
+        lines = [l for l in res.stderr.splitlines() if l.startswith("segrepro: error")]
+        assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "run" / "configs").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            assert time.time() < deadline, f"{url} did not answer"
+            time.sleep(0.5)
+
+
+def test_two_node_ray_cluster_and_mlflow_server(env, tmp_path):
+    ray_port, mlflow_port = _free_port(), _free_port()
+    e = env["env"]
+    server = subprocess.Popen([Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1",
+                               "--port", str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", "--port", str(ray_port), "--num-cpus", "1",
+                        "--include-dashboard=false"], env=e, check=True, capture_output=True)
+        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{ray_port}", "--num-cpus", "1"],
+                       env=e, check=True, capture_output=True)
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 60)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        res = _segrepro(env, "reproduce", "--configs", "tiny_test", "--profile", "tiny", "--data-root",
+                        str(env["data"]), "--run-dir", str(tmp_path / "run"), "--address", f"127.0.0.1:{ray_port}",
+                        "--tracking-uri", uri, "--workers", "2", "--json")
+        assert res.returncode == 0, res.stderr[-3000:]
+        status = subprocess.run([ray_bin, "status", "--address", f"127.0.0.1:{ray_port}"], env=e,
+                                capture_output=True, text=True).stdout
+        assert status.count("node_") >= 2, status
+        client, (child,) = _runs(uri)
+        assert child.data.tags["segrepro.status"] == "finished"
+        assert {"ss/mIoU", "msflip/mIoU", "bench/images_per_s"} <= set(child.data.metrics)
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) >= 6
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "ss_per_class.csv", "msflip_per_class.csv", "log.txt"} <= artifacts
+        assert not (tmp_path / "run" / "mlflow.db").exists()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=e, capture_output=True)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
