@@ -51,7 +51,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             ("mmseg.miou_ss", "MMS ss"), ("mmseg.miou_msflip", "MMS ms+flip"), ("reference.params", "OFF params M"),
             ("reference.fps", "OFF fps"), ("mmseg.fps", "MMS fps"), ("mmseg.train_memory", "MMS mem GB")]
     table = [[r["config"], _fmt(r["params_m"], 1)] + [_fmt(r["documented"].get(k)) for k, _ in cols] for r in rows]
-    print(tabulate(table, headers=["config", "params M (built)"] + [t for _, t in cols], disablenumparse=True))
+    print(tabulate(table, headers=["config", "params M (built)"] + [t for _, t in cols], disable_numparse=True))
     print("\nPVT = PaddleViT, OFF = reference code, MMS = MMSegmentation; documented figures from experiments/documented.yaml")
     return 0
 
