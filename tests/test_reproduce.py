@@ -19,7 +19,7 @@ TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:
   data: {crop_size: 64, train_scale: [256, 64], test_scale: 64, num_workers: 0}
   optim: {iterations: ITERS, batch_size: 2, lr: 0.01, min_lr: 0.0001, eval_interval: 1000,
-          checkpoint_interval: CKPT, log_interval: 2}
+          checkpoint_interval: CKPT, log_interval: LOG}
   eval: {window: 64, stride: 48, batch_size: 4, scales: [0.75, 1.0]}
   bench: {warmup: 1, repeats: 2}
 """
@@ -34,9 +34,9 @@ def env(tmp_path_factory):
     text = (exp / "zoo" / "seg_tiny_mask.yaml").read_text()
     text = text.replace("d_model: 192", "d_model: 64").replace("n_layers: 12", "n_layers: 2").replace("n_heads: 3", "n_heads: 1")
     (exp / "zoo" / "tiny_test.yaml").write_text(text)
-    (exp / "profiles" / "tiny.yaml").write_text(TINY_PROFILE.replace("ITERS", "12").replace("CKPT", "4"))
+    (exp / "profiles" / "tiny.yaml").write_text(TINY_PROFILE.replace("ITERS", "12").replace("CKPT", "4").replace("LOG", "2"))
     # long enough after its first checkpoint that a kill lands mid-training
-    (exp / "profiles" / "tiny_long.yaml").write_text(TINY_PROFILE.replace("ITERS", "240").replace("CKPT", "60"))
+    (exp / "profiles" / "tiny_long.yaml").write_text(TINY_PROFILE.replace("ITERS", "120").replace("CKPT", "30").replace("LOG", "10"))
     synthesize(root / "data", train=8, val=2, size=(64, 80), classes=4, seed=0)
     environ = {**os.environ, "SEGREPRO_EXPERIMENTS": str(exp), "RAY_AUTH_MODE": "disabled"}
     return {"root": root, "data": root / "data", "env": environ}
@@ -63,7 +63,8 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while not list(run_dir.glob("configs/*/train/ray/**/checkpoint_*")):
+        # a checkpoint counts once Ray Train has recorded it in its snapshot
+        while not any("checkpoint_" in p.read_text() for p in run_dir.glob("configs/*/train/ray/*/checkpoint_manager_snapshot.json")):
             assert proc.poll() is None and time.time() < deadline, "no checkpoint before the kill"
             time.sleep(0.5)
     finally:
@@ -80,7 +81,7 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
     client, (child2,) = _runs(uri)
     assert child2.info.run_id == child.info.run_id  # the interrupted run continued, curves and all
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
-    assert max(steps) == 240
+    assert max(steps) == 120
     # resumed from a checkpoint, not from zero: the first logged iteration appears once
     assert steps.count(min(steps)) == 1
     for key in ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s"):
