@@ -23,7 +23,7 @@ test: venv
 DEMO_DATA := $(DEMO_DIR)/data
 demo: venv
 	@test -d $(DEMO_DATA)/ADEChallengeData2016 || \
-		$(BIN)/segrepro data synth --root $(DEMO_DATA) --train 200 --val 16 --size 128x160 --classes 8 --seed 0
+		$(BIN)/segrepro data synth --root $(DEMO_DATA) --train 200 --val 8 --size 128x160 --classes 8 --seed 0
 	$(BIN)/segrepro reproduce --configs seed --profile smoke --data-root $(DEMO_DATA) --run-dir $(DEMO_DIR)
 
 clean:
