@@ -78,7 +78,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from harness.models import load_checkpoint
 
     image = _read_image(Path(args.image))
-    overrides = {"attention": args.attention} if args.attention else {}
+    overrides = {"attention": args.attention, "mask_step": args.attention} if args.attention else {}
     model, cfg = load_checkpoint(args.checkpoint, **overrides)
     scales, flip = (cfg.eval.scales, cfg.eval.flip) if args.ms_flip else ((1.0,), False)
     views, flipped = make_views(torch.from_numpy(image).permute(2, 0, 1), cfg.data.test_scale, cfg.mean, cfg.std,
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip views (the config's scales)")
     p.add_argument("--out", required=True, help="output mask PNG, coloured with the ADE20K palette")
     p.add_argument("--logits", help="also save the class probabilities [C, H, W] as float32 .npy")
-    p.add_argument("--attention", choices=["torch", "triton"], help="attention implementation (default: the config's)")
+    p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation (default: the config's)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="mIoU of a checkpoint on the validation split (ss or ms+flip)")

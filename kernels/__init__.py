@@ -19,11 +19,17 @@ Importing this package costs only torch + triton imports: no compilation, no dev
 """
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton.language" in sys.modules:
+        # triton.language's own @jit helpers were already built for compilation (timm, for
+        # one, imports triton): the interpreter would fail later with a cryptic error.
+        raise ImportError("kernels: no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set; "
+                          "set TRITON_INTERPRET=1 in the environment (or import harness or kernels first)")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from ._runtime import interpreting  # noqa: E402
 from .attention import attention  # noqa: E402

@@ -44,3 +44,22 @@ def test_predict_refuses_missing_and_non_images(tmp_path):
         assert res.returncode == 2 and message in res.stderr and str(path) in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mask.png").exists()
+
+
+def test_predict_with_triton_kernels_from_the_command_line(tmp_path):
+    """The CLI path with no TRITON_INTERPRET in the environment: segrepro sets it before timm
+    imports triton, and the interpreted kernels give the PyTorch path's probabilities."""
+    import os
+
+    image = np.random.default_rng(1).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probs = {}
+    for attention in ("torch", "triton"):
+        res = subprocess.run([sys.executable, "-m", "harness.cli", "predict", "--checkpoint", "tests/fixtures/vit_mask",
+                              "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / f"{attention}.png"),
+                              "--logits", str(tmp_path / f"{attention}.npy"), "--attention", attention],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        probs[attention] = np.load(tmp_path / f"{attention}.npy")
+    assert np.abs(probs["torch"] - probs["triton"]).max() < 1e-5
