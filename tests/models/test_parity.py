@@ -1,6 +1,5 @@
 """Parity with the reference implementation on shared/fixtures/segmenter-official (copied to
 tests/fixtures): same weights -> same logits, same sliding-window and ms+flip probabilities."""
-import pytest
 import torch
 
 from harness.inference import slide_inference
