@@ -60,7 +60,7 @@ class DecoderConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str  # timm name of the ImageNet checkpoint the encoder starts from
+    backbone: str  # timm architecture name of the ImageNet encoder
     patch_size: int
     d_model: int
     n_layers: int
@@ -76,6 +76,9 @@ class ModelConfig:
     normalization: Literal["vit", "deit"] = "vit"
     attention: Literal["torch", "triton"] = "torch"
     mask_step: Literal["torch", "triton"] = "torch"
+    # timm pretrained tag ("ARCH.TAG") of the ImageNet checkpoint the source started from;
+    # null where the source never published it (a local file is then required)
+    pretrained: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ class OptimConfig:
     decoder_lr_mult: float = 1.0
     clip_grad: Optional[float] = None
     loss_average: Literal["labelled", "all"] = "labelled"
-    amp: Literal["none", "fp16", "bf16"] = "bf16"  # used on CUDA only
+    # training precision; the three sources all train in fp32, mixed precision is opt-in (CUDA only)
+    amp: Literal["fp32", "fp16", "bf16"] = "fp32"
     eval_interval: int = 8000
     checkpoint_interval: int = 2000
     log_interval: int = 50
@@ -327,6 +331,8 @@ def _check_consistency(cfg: Config, file: Any) -> None:
     m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(file, "model.n_heads", f"must divide d_model {m.d_model}, got {m.n_heads}")
+    if m.pretrained is not None and not m.pretrained.startswith(m.backbone + "."):
+        raise ConfigError(file, "model.pretrained", f"expected a timm tag '{m.backbone}.TAG', got {m.pretrained!r}")
     if m.image_size % m.patch_size:
         raise ConfigError(file, "model.image_size", f"must be a multiple of patch_size {m.patch_size}")
     if cfg.eval.stride <= 0 or cfg.eval.stride > cfg.eval.window:
