@@ -150,7 +150,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     opts = Options(configs=resolve_configs(args.configs), data_root=Path(args.data_root).resolve(), run_dir=run_dir,
                    profile=args.profile, recipe=args.recipe, address=args.address, tracking_uri=args.tracking_uri,
                    force=args.force, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                   backbone_dir=Path(args.backbone_dir) if args.backbone_dir else None, argv=sys.argv[1:])
+                   backbone_dir=Path(args.backbone_dir) if args.backbone_dir else None,
+                   from_scratch=args.from_scratch, amp=args.amp, argv=sys.argv[1:])
     start = time.perf_counter()
     outcomes, uri = reproduce(opts)
     seconds = time.perf_counter() - start
@@ -169,6 +170,72 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
         print(f"MLflow: {ui}")
     return 1 if any(o["status"] == "failed" for o in outcomes) else 0
+
+
+def _weights_configs(args: argparse.Namespace) -> list:
+    from harness.config import load_config
+    from harness.scheduler import resolve_configs
+
+    return [load_config(name) for name in resolve_configs(args.configs)]
+
+
+def weights_table(cfgs: list, backbone_dir: str | None) -> list[dict]:
+    """Per configuration: the source's pretrained tag, the file that would be loaded, its SHA-256."""
+    from harness import weights
+
+    rows = []
+    for cfg in cfgs:
+        found = weights.locate(cfg, backbone_dir)
+        rows.append({"config": cfg.name, "backbone": cfg.model.backbone, "tag": cfg.model.pretrained,
+                     "file": str(found.path) if found else None, "origin": found.origin if found else None,
+                     "sha256": found.sha256 if found else None,
+                     "missing": None if found else weights.missing_message(cfg, backbone_dir)})
+    return rows
+
+
+def cmd_weights_check(args: argparse.Namespace) -> int:
+    if args.backbone_dir and not Path(args.backbone_dir).is_dir():
+        raise InputError(f"--backbone-dir {args.backbone_dir}: no such directory")
+    from harness import weights
+
+    rows = weights_table(_weights_configs(args), args.backbone_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        where = f"the Hugging Face cache {weights.hub_cache_dir()}" + (
+            f" or {args.backbone_dir}" if args.backbone_dir else "")
+        for r in rows:
+            print(f"{r['config']}: {r['tag'] or r['backbone'] + ' (never published)'}")
+            print(f"  {r['origin']}: {r['file']}\n  sha256 {r['sha256']}" if r["file"] else f"  MISSING from {where}")
+        fetchable = [r["config"] for r in rows if not r["file"] and r["tag"]]
+        if fetchable:
+            print(f"fetch with: segrepro weights fetch --configs {','.join(fetchable)}")
+        if any(not r["file"] and not r["tag"] for r in rows):
+            print("a checkpoint that was never published must be given with --backbone-dir (a file named BACKBONE.pth)")
+    return 1 if any(r["file"] is None for r in rows) else 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from harness import weights
+
+    cfgs = _weights_configs(args)
+    tags = list(dict.fromkeys(c.model.pretrained for c in cfgs if c.model.pretrained))
+    for cfg in cfgs:
+        if not cfg.model.pretrained:
+            print(f"{cfg.name}: {cfg.model.backbone} was never published; nothing to fetch (pass --backbone-dir)",
+                  file=sys.stderr)
+    failed = []
+    for tag in tags:
+        print(f"{tag}: fetching into {weights.hub_cache_dir()}", file=sys.stderr)
+        try:
+            weights.fetch(tag)
+        except weights.FetchError as e:
+            print(f"segrepro: error: {e}", file=sys.stderr)
+            failed.append(tag)
+    ok = [c for c in cfgs if c.model.pretrained and c.model.pretrained not in failed]
+    for r in weights_table(ok, None):
+        print(f"{r['config']}: {r['file']}\n  sha256 {r['sha256']}")
+    return 1 if failed else 0
 
 
 def _zoo_model_dims():
@@ -251,10 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/reproduce", help="checkpoints, results, the MLflow store and the report")
     p.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks) per configuration")
     p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per training worker")
-    p.add_argument("--backbone-dir", help="directory of timm ImageNet checkpoints named BACKBONE.{pth,safetensors,npz}")
+    train.add_init_arguments(p)
     p.add_argument("--force", action="store_true", help="rerun configurations that already have a finished run")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_reproduce)
+
+    wts = sub.add_parser("weights", help="the ImageNet backbone checkpoints the zoo starts from")
+    wts_sub = wts.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    p = wts_sub.add_parser("fetch", help="download them through timm into the Hugging Face cache")
+    p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
+    p.set_defaults(func=cmd_weights_fetch)
+    p = wts_sub.add_parser("check", help="per configuration: tag, cached file and SHA-256 (exit 1 if any is missing)")
+    p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
+    p.add_argument("--backbone-dir", help="also look in this directory (files named by tag or timm model name)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_weights_check)
 
     from harness.data import bench, check, download, synth
 

@@ -79,6 +79,11 @@ class ModelConfig:
     # timm pretrained tag ("ARCH.TAG") of the ImageNet checkpoint the source started from;
     # null where the source never published it (a local file is then required)
     pretrained: Optional[str] = None
+    # what the encoder starts from: "pretrained" (the file must be found), "scratch" (random
+    # init), "auto" (pretrained when found, else scratch: the smoke profile); a run resolves
+    # "auto" and records the SHA-256 of the file it loaded (harness/weights.py)
+    init: Literal["pretrained", "scratch", "auto"] = "pretrained"
+    init_sha256: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     poly_power: float = 0.9
     min_lr: float = 1e-5
+    warmup_iterations: int = 0  # reference iter_warmup (0 in every released run)
+    poly_step_size: int = 1  # reference poly_step_size: the rate changes every N iterations
     decoder_lr_mult: float = 1.0
     clip_grad: Optional[float] = None
     loss_average: Literal["labelled", "all"] = "labelled"
@@ -122,6 +129,9 @@ class EvalConfig:
     flip: bool = True
     # reference: views smaller than the window are upsampled to it; mmseg: run at low resolution
     small_views: Literal["upsample", "low_res"] = "upsample"
+    # stride of the evaluation during training: "window" (the reference's config.yml and
+    # PaddleViT evaluate with stride = window) or "test" (MMSeg validates with its test stride)
+    train_stride: Literal["window", "test"] = "window"
     batch_size: int = 4
 
 
@@ -339,6 +349,11 @@ def _check_consistency(cfg: Config, file: Any) -> None:
         raise ConfigError(file, "eval.stride", f"expected 1..window ({cfg.eval.window}), got {cfg.eval.stride}")
     if cfg.optim.batch_size <= 0 or cfg.optim.iterations <= 0:
         raise ConfigError(file, "optim", "batch_size and iterations must be positive")
+    if cfg.optim.poly_step_size < 1:
+        raise ConfigError(file, "optim.poly_step_size", f"expected at least 1, got {cfg.optim.poly_step_size}")
+    if not 0 <= cfg.optim.warmup_iterations < cfg.optim.iterations:
+        raise ConfigError(file, "optim.warmup_iterations",
+                          f"expected 0..iterations-1 ({cfg.optim.iterations - 1}), got {cfg.optim.warmup_iterations}")
 
 
 def load_config(name_or_path: str | os.PathLike, recipe: str | None = None,

@@ -3,6 +3,7 @@ on one process, sharded over Ray workers, or inside a torch.distributed job."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -41,6 +42,12 @@ class Protocol:
         e = cfg.eval
         return cls("msflip" if ms_flip else "ss", e.window, e.stride, cfg.data.test_scale,
                    tuple(e.scales) if ms_flip else (1.0,), e.flip if ms_flip else False, e.small_views)
+
+    @classmethod
+    def during_training(cls, cfg: Config) -> "Protocol":
+        """Single scale with the source's training-time stride (``eval.train_stride``)."""
+        p = cls.of(cfg, ms_flip=False)
+        return dataclasses.replace(p, stride=p.window) if cfg.eval.train_stride == "window" else p
 
     def describe(self) -> str:
         return (f"{self.mode}: window {self.window}, stride {self.stride}, test scale {self.test_scale}, "

@@ -1,7 +1,7 @@
 """Optimiser and learning-rate schedule of each recipe (shared/reference/segmenter.md §3).
 
 All three recipes decay the learning rate polynomially, stepped once per iteration after the
-update, with no warmup. Iteration t (0-based; t updates done before it) uses
+update, with no warmup (the reference's optional warmup and step size: ``poly_lr``). Iteration t (0-based; t updates done before it) uses
 
     lr_t = (lr - min_lr) * (1 - min(t, N) / N) ** power + min_lr
 
@@ -41,9 +41,23 @@ def poly_horizon(cfg: Config) -> int:
     return max(T - 1, 1) if cfg.recipe in _HORIZON_MINUS_ONE else T
 
 
-def poly_lr(t: int, lr: float, min_lr: float, power: float, horizon: int) -> float:
-    """Learning rate of iteration ``t`` (0-based) before any group multiplier."""
-    return (lr - min_lr) * (1.0 - min(t, horizon) / horizon) ** power + min_lr
+def poly_lr(t: int, lr: float, min_lr: float, power: float, horizon: int, warmup: int = 0, step: int = 1) -> float:
+    """Learning rate of iteration ``t`` (0-based) before any group multiplier.
+
+    ``warmup`` and ``step`` follow the reference's ``PolynomialLR`` (``iter_warmup``,
+    ``poly_step_size``; both 0 and 1 in every released run): the rate changes only on
+    multiples of ``step`` and not after the horizon, iteration 0 runs at the base rate, and
+    during warmup the coefficient is ``t / warmup * (1 - warmup / horizon) ** power``.
+    """
+    t = min(t, horizon)
+    t -= t % step
+    if t == 0:
+        return lr
+    if t < warmup:
+        coef = t / warmup * (1.0 - warmup / horizon) ** power
+    else:
+        coef = (1.0 - t / horizon) ** power
+    return (lr - min_lr) * coef + min_lr
 
 
 class PolyLR(LRScheduler):
@@ -55,15 +69,16 @@ class PolyLR(LRScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float, power: float,
-                 horizon: int, mults: list[float], last_epoch: int = -1):
+                 horizon: int, mults: list[float], warmup: int = 0, step: int = 1, last_epoch: int = -1):
         if len(mults) != len(optimizer.param_groups):
             raise ValueError(f"{len(mults)} multipliers for {len(optimizer.param_groups)} parameter groups")
         self.lr, self.min_lr, self.power, self.horizon = lr, min_lr, power, horizon
+        self.warmup, self.step_size = warmup, step
         self.mults = list(mults)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        base = poly_lr(self.last_epoch, self.lr, self.min_lr, self.power, self.horizon)
+        base = poly_lr(self.last_epoch, self.lr, self.min_lr, self.power, self.horizon, self.warmup, self.step_size)
         return [m * base for m in self.mults]
 
 
@@ -93,5 +108,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.SG
     groups, mults = param_groups(model, cfg)
     optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay)
-    scheduler = PolyLR(optimizer, o.lr, o.min_lr, o.poly_power, poly_horizon(cfg), mults)
+    scheduler = PolyLR(optimizer, o.lr, o.min_lr, o.poly_power, poly_horizon(cfg), mults, o.warmup_iterations,
+                       o.poly_step_size)
     return optimizer, scheduler

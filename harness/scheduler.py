@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from harness import weights
 from harness.config import Config, InputError, load_config, zoo_names
 from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
@@ -41,6 +42,8 @@ class Options:
     workers: int = 1
     gpus_per_worker: float = 0
     backbone_dir: Path | None = None
+    from_scratch: bool = False
+    amp: str | None = None  # training precision override; None: the recipe's
     argv: list[str] = field(default_factory=list)
 
 
@@ -117,7 +120,9 @@ class Reproduction:
         """Every input checked before any work starts: configurations, data, store, cluster."""
         from harness.data.ade20k import list_pairs
 
-        self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile) for n in self.opts.configs]
+        overrides = {"optim": {"amp": self.opts.amp}} if self.opts.amp else None
+        self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile, overrides=overrides)
+                     for n in self.opts.configs]
         for split in ("training", "validation"):
             try:
                 list_pairs(self.opts.data_root, split)
@@ -125,6 +130,7 @@ class Reproduction:
                 raise InputError(f"--data-root {self.opts.data_root}: {e}") from None
         if self.opts.backbone_dir and not self.opts.backbone_dir.is_dir():
             raise InputError(f"--backbone-dir {self.opts.backbone_dir}: no such directory")
+        self._resolve_weights()
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
                 raise InputError(f"--workers {self.opts.workers}: must divide {cfg.name}'s global batch "
@@ -148,11 +154,23 @@ class Reproduction:
         self.tracker.finish(self.parent, f"{len(failed)} configuration(s) failed" if failed else None)
         return outcomes
 
-    def _backbone(self, cfg: Config) -> Path | None:
-        if not self.opts.backbone_dir:
-            return None
-        found = sorted(self.opts.backbone_dir.glob(f"{cfg.model.backbone}.*"))
-        return found[0] if found else None
+    def _resolve_weights(self) -> None:
+        """Every configuration's ImageNet checkpoint found (or its from-scratch fallback
+        decided) before any work: one message lists every missing one."""
+        resolved, missing, self.init_notes, self.backbones = [], [], {}, {}
+        for cfg in self.cfgs:
+            requested = cfg.model.init
+            try:
+                cfg, found = weights.resolve(cfg, self.opts.backbone_dir, from_scratch=self.opts.from_scratch)
+            except InputError as e:
+                missing.append(str(e))
+                continue
+            resolved.append(cfg)
+            self.backbones[cfg.name] = found.path if found else None
+            self.init_notes[cfg.name] = weights.describe(cfg, found, requested)
+        if missing:
+            raise InputError("\n".join(missing))
+        self.cfgs = resolved
 
     def _run_one(self, cfg: Config) -> dict:
         name = cfg.name
@@ -175,7 +193,8 @@ class Reproduction:
             self.board.update(name, text)
 
         try:
-            note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id})")
+            note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id}); encoder init: "
+                 f"{self.init_notes[name]}; precision {cfg.optim.amp}")
             train = self._train(cfg, work, run_id, note)
             ss = self._eval(cfg, work, train["checkpoint"], False, note)
             ms = self._eval(cfg, work, train["checkpoint"], True, note)
@@ -217,7 +236,7 @@ class Reproduction:
 
         return train(cfg, self.opts.data_root, work / "train", workers=self.opts.workers,
                      gpus_per_worker=self.opts.gpus_per_worker, address=self.opts.address, resume=True,
-                     backbone_weights=self._backbone(cfg), tracking_uri=self.uri, mlflow_run_id=run_id,
+                     backbone_weights=self.backbones[cfg.name], tracking_uri=self.uri, mlflow_run_id=run_id,
                      progress_callback=progress)
 
     def _resources(self) -> dict:

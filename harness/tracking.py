@@ -42,6 +42,14 @@ def check_tracking_uri(uri: str) -> None:
         raise InputError(f"tracking URI {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
 
 
+def init_tag(cfg: Config) -> str:
+    """What the encoder started from, as the report shows it: 'TAG sha256:HEX' or 'scratch'."""
+    m = cfg.model
+    if m.init == "scratch" or not m.init_sha256:
+        return "scratch"
+    return f"{m.pretrained or m.backbone} sha256:{m.init_sha256}"
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -110,7 +118,8 @@ class Tracker:
         runs = [r for r in self._children(cfg) if r.data.tags.get("segrepro.status") != "finished"]
         tags = {"segrepro.kind": "config", "segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
                 "segrepro.profile": cfg.profile, "segrepro.config_hash": cfg.config_hash(),
-                "segrepro.status": "running", "mlflow.parentRunId": parent_id}
+                "segrepro.status": "running", "mlflow.parentRunId": parent_id,
+                "segrepro.init": init_tag(cfg)}
         if runs:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")

@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -40,11 +41,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from harness import weights
 from harness.config import Config, InputError, load_config
 from harness.data import ADE20K, IGNORE_INDEX, build_train_transform, loader_generator, seed_worker
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights, save_model_checkpoint
 from harness.schedule import build_optimizer
+from harness.tracking import init_tag
 
 MODEL_FILE = "checkpoint.pth"
 RNG_FILE = "rng_rank{rank}.pt"
@@ -326,9 +329,22 @@ def _restore(directory: Path, rank: int, model, cfg: Config, optimizer, schedule
     return state
 
 
+def _load_backbone(model, cfg: Config, path: Path) -> None:
+    """The ImageNet encoder weights, checked to be the very file the driver resolved (a node
+    may hold another file at the same path)."""
+    if not path.is_file():
+        raise InputError(f"{path}: backbone weights not found on {socket.gethostname()}; put the Hugging Face "
+                         f"cache (or --backbone-dir) on storage every node sees")
+    digest = weights.sha256_file(path)
+    if cfg.model.init_sha256 and digest != cfg.model.init_sha256:
+        raise InputError(f"{path} on {socket.gethostname()}: SHA-256 {digest} is not the {cfg.model.init_sha256} "
+                         f"the run was resolved with")
+    load_backbone_weights(model, path, cfg.model.backbone)
+
+
 def _validate(model, cfg: Config, val_set: ADE20K, device: torch.device) -> dict:
     model.eval()
-    predict = model_predictor(model, cfg, Protocol.of(cfg, ms_flip=False), device)
+    predict = model_predictor(model, cfg, Protocol.during_training(cfg), device)
     cm = all_reduce_confusion(evaluate_dataset(predict, val_set, cfg.model.n_cls, progress=False))
     model.train()
     out = cm.compute()
@@ -359,13 +375,11 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
         raise InputError(f"{data_root}: {len(train_set)} training images are fewer than one global batch "
                          f"({o.batch_size})")
 
+    if cfg.model.init == "pretrained" and not backbone_weights:
+        raise InputError(weights.missing_message(cfg))
     # The same seed on every rank: identical initial weights (DDP broadcasts rank 0's anyway).
     seed_everything(o.seed)
     model = build_model(cfg.model)
-    if backbone_weights:
-        load_backbone_weights(model, backbone_weights, cfg.model.backbone)
-    elif rank == 0:
-        warnings.warn(f"{cfg.name}: no backbone weights given, training from scratch (random encoder)")
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.amp) if device.type == "cuda" else None
@@ -373,6 +387,9 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     seed_everything(o.seed + rank)  # dropout / drop-path differ across ranks
     with session.latest_checkpoint() as ckpt_dir:
         state = _restore(ckpt_dir, rank, model, cfg, optimizer, scheduler, scaler) if ckpt_dir else _State()
+    if ckpt_dir is None and backbone_weights and rank == 0:
+        # rank 0 alone needs the file: DDP broadcasts its parameters to the other ranks
+        _load_backbone(model, cfg, Path(backbone_weights))
     start = state.iteration
     net = model
     if world > 1:
@@ -461,7 +478,7 @@ def _ray_worker(config: dict) -> dict:
 
 # ---------------------------------------------------------------- driver
 
-def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float, backbone_weights) -> None:
+def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float) -> None:
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
     if gpus_per_worker < 0:
@@ -473,8 +490,6 @@ def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float, 
             ADE20K(data_root, split)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"--data-root {data_root}: {e}") from None
-    if backbone_weights and not Path(backbone_weights).is_file():
-        raise InputError(f"--backbone-weights {backbone_weights}: no such file")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -510,7 +525,7 @@ def _mlflow_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: st
     run = client.create_run(exp_id, run_name=f"train-{cfg.name}-{cfg.recipe}-{cfg.profile}",
                             tags={"segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
                                   "segrepro.profile": cfg.profile, "segrepro.config_hash": cfg.config_hash(),
-                                  "segrepro.stage": "train"})
+                                  "segrepro.stage": "train", "segrepro.init": init_tag(cfg)})
     params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in _flat(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -536,14 +551,18 @@ def _print_progress(record: dict) -> None:
 
 def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike, workers: int = 1,
           gpus_per_worker: float = 0, address: str | None = None, resume: bool = True,
-          backbone_weights: str | os.PathLike | None = None, tracking_uri: str | None = None,
+          backbone_weights: str | os.PathLike | None = None, backbone_dir: str | os.PathLike | None = None,
+          from_scratch: bool = False, tracking_uri: str | None = None,
           mlflow_run_id: str | None = None, progress_callback: Progress | None = None,
           max_failures: int = MAX_FAILURES) -> dict:
     """Train ``cfg`` with Ray Train on ``workers`` DDP workers; return the outcome.
 
     ``run_dir`` holds the Ray storage (checkpoints), the MLflow run id and ``train_result.json``.
     ``resume`` continues the run already in ``run_dir`` from its latest checkpoint; without it
-    an existing run is an error. A worker that dies is restarted from the last checkpoint up to
+    an existing run is an error. The encoder starts from the config's ImageNet checkpoint
+    (``backbone_weights``, else the Hugging Face cache, else ``backbone_dir``: harness/weights.py),
+    or from random init with ``from_scratch``; the choice and the file's SHA-256 become part of
+    the resolved config. A worker that dies is restarted from the last checkpoint up to
     ``max_failures`` times. Progress records (iteration, total, loss, lr, eta_s, and val/* at
     evaluations) go to ``progress_callback``, or are printed to stderr.
 
@@ -559,7 +578,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
-    _check_inputs(cfg, data_root, workers, gpus_per_worker, backbone_weights)
+    _check_inputs(cfg, data_root, workers, gpus_per_worker)
+    cfg, found = weights.resolve(cfg, backbone_dir, backbone_weights, from_scratch)
     storage = run_dir / "ray"
     if (storage / RAY_RUN_NAME).exists():
         if not resume:
@@ -568,9 +588,6 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
         saved = sorted((storage / RAY_RUN_NAME).glob(f"checkpoint_*/{CONFIG_FILE}"))
         if saved:  # Ray names checkpoint directories by time
             check_resumable(json.loads(saved[-1].read_text()), cfg, saved[-1].parent)
-    if not backbone_weights:
-        warnings.warn(f"{cfg.name}: no backbone weights given, training from scratch (random encoder)",
-                      stacklevel=2)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking, owns_run = _mlflow_run(cfg, run_dir, tracking_uri, mlflow_run_id)
 
@@ -584,7 +601,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"cfg": cfg, "data_root": str(Path(data_root).resolve()), "queue": queue,
-                           "backbone_weights": str(Path(backbone_weights).resolve()) if backbone_weights else None,
+                           "backbone_weights": str(found.path) if found else None,
                            "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -610,7 +627,9 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     out = dict(result.return_value or {})
     out.update(checkpoint=str(Path(result.checkpoint.path) / MODEL_FILE), wall_time_s=time.perf_counter() - started,
                run_dir=str(run_dir), config=cfg.name, recipe=cfg.recipe, profile=cfg.profile,
-               config_hash=cfg.config_hash(), mlflow_run_id=tracking["run_id"] if tracking else None)
+               config_hash=cfg.config_hash(), mlflow_run_id=tracking["run_id"] if tracking else None,
+               init=weights.describe(cfg), init_sha256=cfg.model.init_sha256, amp=cfg.optim.amp,
+               backbone_file=str(found.path) if found else None)
     tmp = run_dir / (RESULT_FILE + ".tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp, run_dir / RESULT_FILE)
@@ -629,21 +648,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("--run-dir", help="run directory (default runs/train/CONFIG-RECIPE-PROFILE)")
-    parser.add_argument("--backbone-weights", help="timm ImageNet checkpoint of the config's backbone "
-                                                   "(without it the encoder starts from random weights)")
+    add_init_arguments(parser)
+    parser.add_argument("--backbone-weights", help="an explicit ImageNet checkpoint file of the config's backbone "
+                                                   "(default: the Hugging Face cache, then --backbone-dir)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (metrics train/loss, train/lr, val/mIoU)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def add_init_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the encoder starts and the training precision: shared by train and reproduce."""
+    parser.add_argument("--backbone-dir", help="directory of ImageNet checkpoints named by timm tag or model name "
+                                               "(TAG.safetensors, BACKBONE.pth, ...), searched after the Hugging Face cache")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="train the encoder from random init instead of the ImageNet checkpoint (recorded with the run)")
+    parser.add_argument("--amp", choices=["fp32", "fp16", "bf16"],
+                        help="training precision (default: the recipe's, fp32 for every source; mixed precision on CUDA only)")
+
+
+def precision_overrides(args: argparse.Namespace) -> dict | None:
+    return {"optim": {"amp": args.amp}} if getattr(args, "amp", None) else None
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, recipe=args.recipe, profile=args.profile)
+    cfg = load_config(args.config, recipe=args.recipe, profile=args.profile, overrides=precision_overrides(args))
     run_dir = args.run_dir or Path("runs") / "train" / f"{cfg.name}-{cfg.recipe}-{cfg.profile}"
+    requested = cfg.model.init
+    cfg, found = weights.resolve(cfg, args.backbone_dir, args.backbone_weights, args.from_scratch)
     if not args.json:
         print(f"{cfg.name} ({cfg.recipe} recipe, {cfg.profile} profile): {cfg.optim.iterations} iterations at "
-              f"global batch {cfg.optim.batch_size} on {args.workers} worker(s); run directory {run_dir}",
-              file=sys.stderr)
+              f"global batch {cfg.optim.batch_size} in {cfg.optim.amp} on {args.workers} worker(s); "
+              f"run directory {run_dir}\n  encoder init: {weights.describe(cfg, found, requested)}", file=sys.stderr)
     out = train(cfg, args.data_root, run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                address=args.address, resume=args.resume, backbone_weights=args.backbone_weights,
+                address=args.address, resume=args.resume, backbone_weights=found.path if found else None,
                 tracking_uri=args.tracking_uri)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -651,5 +687,6 @@ def run(args: argparse.Namespace) -> int:
         val = out.get("val") or {}
         miou = f", val mIoU {val['val/mIoU']:.2f}" if val else ""
         print(f"{cfg.name}: {out['iterations']} iterations in {out['wall_time_s']:.0f} s{miou}\n"
+              f"  encoder init: {out['init']}, precision {out['amp']}\n"
               f"  checkpoint {out['checkpoint']}")
     return 0

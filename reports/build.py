@@ -43,8 +43,9 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
             f"PaddleViT). Verdict: reproduced when |Δ| ≤ {tolerance:g} mIoU (the documented run-to-run "
             f"spread), else below or above; smoke-profile runs get no verdict.",
             miou, image=plots.miou_plot(miou), image_name="miou"),
-        render.Section("Evaluation protocol of each run",
-                       "Window, stride and scales as logged by each run (its params).",
+        render.Section("Provenance of each run",
+                       "The ImageNet weights the encoder started from (timm tag and the file's SHA-256, or random "
+                       "init), the training precision, and window, stride and scales, as logged by each run.",
                        tables.protocols_view(c), empty_text="No runs."),
         render.Section("Documented sources", "Where each documented figure comes from and its protocol.",
                        tables.sources_view()),

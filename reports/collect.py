@@ -31,7 +31,7 @@ COUNTERPART = {"ss/mIoU": "miou_ss", "msflip/mIoU": "miou_msflip",
                "bench/params_m": "params", "bench/images_per_s": "fps"}
 CURVE_METRICS = ("train/loss", "train/lr", "val/mIoU")
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
-               "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol"]
+               "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
 KERNELS_ARTIFACT = "kernels_profile.csv"
 KERNEL_COLUMNS = ["kernel", "impl", "direction", "B", "H", "N", "D", "C", "dtype", "stat",
                   "ms", "tflops", "gbps", "frac_peak"]
@@ -122,10 +122,20 @@ def bench_protocol(row: pd.Series) -> str:
             f"{_get(row, 'params.bench.precision', '?')}, image {_get(row, 'params.bench.image_size', '?')}")
 
 
+def training_provenance(row: pd.Series) -> str:
+    """What the evaluated weights were trained from and in: the encoder's initialisation
+    (``segrepro.init`` tag: 'TAG sha256:HEX' or 'scratch') and the training precision."""
+    init = _get(row, "tags.segrepro.init", "unknown init")
+    if init.startswith("scratch"):
+        init = "random init"
+    return f"from {init}, trained in {_get(row, 'params.optim.amp', '?')}"
+
+
 def _metric_protocol(metric: str, run: pd.Series) -> str:
-    for prefix in ("ss", "msflip", "bench"):
-        if metric.startswith(prefix + "/"):
-            return run[f"{prefix}_protocol"]
+    if metric.startswith(("ss/", "msflip/")):
+        return f"{run[metric.split('/')[0] + '_protocol']}; {run['training']}"
+    if metric.startswith("bench/"):
+        return run["bench_protocol"]
     return ""
 
 
@@ -153,6 +163,7 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
             "device": _get(row, "params.bench.device") or _get(row, "params.device"),
             "ss_protocol": eval_protocol(row, multi_scale=False),
             "msflip_protocol": eval_protocol(row, multi_scale=True), "bench_protocol": bench_protocol(row),
+            "training": training_provenance(row),
             **{k: row[k] for k in row.index if k.startswith("metrics.") and pd.notna(row[k])},
         })
     return pd.DataFrame(out) if out else pd.DataFrame(columns=RUN_COLUMNS)

@@ -208,12 +208,14 @@ def curves_view(c: Collected) -> pd.DataFrame:
 
 
 def protocols_view(c: Collected) -> pd.DataFrame:
-    """The evaluation protocol of every shown run, read from its own params."""
+    """What produced every shown run's figures, read from its own tags and params: the
+    encoder's initial weights and the training precision, then the evaluation protocols."""
     runs = shown_runs(c)
-    cols = ["config", "profile", "ss_protocol", "msflip_protocol", "run_id"]
+    cols = ["config", "profile", "training", "ss_protocol", "msflip_protocol", "run_id"]
+    names = {"training": "weights and precision", "ss_protocol": "ss", "msflip_protocol": "ms+flip"}
     if runs.empty:
-        return pd.DataFrame(columns=["config", "profile", "ss", "ms+flip", "run_id"])
-    return runs[cols].rename(columns={"ss_protocol": "ss", "msflip_protocol": "ms+flip"}).reset_index(drop=True)
+        return pd.DataFrame(columns=[names.get(c, c) for c in cols])
+    return runs[cols].rename(columns=names).reset_index(drop=True)
 
 
 def sources_view() -> pd.DataFrame:

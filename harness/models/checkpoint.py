@@ -44,9 +44,15 @@ def read_variant(path: str | os.PathLike) -> dict:
     return data
 
 
+# timm's optimizer names as the reference passes them (timm.optim.create_optimizer): "sgd" and
+# "nesterov" are SGD with Nesterov momentum, "momentum" is plain momentum.
+_VARIANT_NESTEROV = {"sgd": True, "nesterov": True, "momentum": False}
+
+
 def config_from_variant(variant: dict, name: str, file: Any = None) -> Config:
     """A segrepro Config for a reference run: architecture from ``net_kwargs``, window and
-    stride from ``inference_kwargs``, schedule from ``optimizer_kwargs``."""
+    stride from ``inference_kwargs``, the schedule from ``optimizer_kwargs``, the precision from
+    ``amp`` (the reference's ``--amp`` is fp16 autocast with a loss scaler)."""
     net = variant["net_kwargs"]
     try:
         size = net["image_size"]
@@ -58,32 +64,56 @@ def config_from_variant(variant: dict, name: str, file: Any = None) -> Config:
         if dec["name"] == "mask_transformer":
             decoder.update(n_layers=dec["n_layers"], dropout=dec.get("dropout", 0.0),
                            drop_path_rate=dec.get("drop_path_rate", 0.0))
-        inf = variant.get("inference_kwargs", {})
-        data = variant.get("dataset_kwargs", {})
-        opt = variant.get("optimizer_kwargs", {})
-        cfg = {
-            "name": name,
-            "description": f"reference run {name} (variant.yml)",
-            "model": {
-                "backbone": net["backbone"], "patch_size": net["patch_size"], "d_model": net["d_model"],
-                "n_layers": net["n_layers"], "n_heads": net["n_heads"],
-                "distilled": bool(net.get("distilled", False)), "image_size": h, "n_cls": net["n_cls"],
-                "drop_path_rate": net.get("drop_path_rate", 0.0), "dropout": net.get("dropout", 0.0),
-                "ln_eps": 1e-5, "normalization": net.get("normalization", "vit"), "decoder": decoder,
-            },
-            "data": {"crop_size": data.get("crop_size", h), "test_scale": inf.get("im_size", h)},
-            "optim": {
-                "iterations": opt.get("iter_max", 161728),
-                "batch_size": variant.get("world_batch_size", data.get("batch_size", 8)),
-                "lr": opt.get("lr", 1e-3), "momentum": opt.get("momentum", 0.9),
-                "weight_decay": opt.get("weight_decay", 0.0), "poly_power": opt.get("poly_power", 0.9),
-                "min_lr": opt.get("min_lr", 1e-5),
-            },
-            "eval": {"window": inf.get("window_size", h), "stride": inf.get("window_stride", h)},
-        }
     except KeyError as e:
         raise ConfigError(file, f"net_kwargs.{e.args[0]}", "missing") from None
+    inf = variant.get("inference_kwargs", {})
+    data = variant.get("dataset_kwargs", {})
+    algo = variant.get("algorithm_kwargs", {})
+    opt = variant.get("optimizer_kwargs", {})
+    iterations = opt.get("iter_max", 161728)
+    epochs = opt.get("epochs") or algo.get("num_epochs")
+    optim = {
+        "iterations": iterations,
+        "batch_size": variant.get("world_batch_size", algo.get("batch_size", data.get("batch_size", 8))),
+        "lr": opt.get("lr", 1e-3), "momentum": opt.get("momentum", 0.9),
+        "nesterov": _variant_nesterov(opt.get("opt", "sgd"), file),
+        "weight_decay": opt.get("weight_decay", 0.0), "poly_power": opt.get("poly_power", 0.9),
+        "min_lr": opt.get("min_lr", 1e-5), "warmup_iterations": int(opt.get("iter_warmup", 0)),
+        "poly_step_size": opt.get("poly_step_size", 1), "clip_grad": opt.get("clip_grad"),
+        "amp": _variant_amp(variant.get("amp", False), file),
+    }
+    if opt.get("sched", "polynomial") != "polynomial":
+        raise ConfigError(file, "optimizer_kwargs.sched", f"expected 'polynomial', got {opt['sched']!r}")
+    if epochs and algo.get("eval_freq"):
+        # the reference evaluates every eval_freq epochs of iter_max / epochs iterations
+        optim["eval_interval"] = max(1, algo["eval_freq"] * iterations // epochs)
+    cfg = {
+        "name": name,
+        "description": f"reference run {name} (variant.yml)",
+        "model": {
+            "backbone": net["backbone"], "patch_size": net["patch_size"], "d_model": net["d_model"],
+            "n_layers": net["n_layers"], "n_heads": net["n_heads"],
+            "distilled": bool(net.get("distilled", False)), "image_size": h, "n_cls": net["n_cls"],
+            "drop_path_rate": net.get("drop_path_rate", 0.0), "dropout": net.get("dropout", 0.0),
+            "ln_eps": 1e-5, "normalization": net.get("normalization", "vit"), "decoder": decoder,
+        },
+        "data": {"crop_size": data.get("crop_size", h), "test_scale": inf.get("im_size", h)},
+        "optim": optim,
+        "eval": {"window": inf.get("window_size", h), "stride": inf.get("window_stride", h), "train_stride": "window"},
+    }
     return config_from_dict(cfg, file)
+
+
+def _variant_nesterov(opt: Any, file: Any) -> bool:
+    if opt not in _VARIANT_NESTEROV:
+        raise ConfigError(file, "optimizer_kwargs.opt", f"expected one of {', '.join(_VARIANT_NESTEROV)}, got {opt!r}")
+    return _VARIANT_NESTEROV[opt]
+
+
+def _variant_amp(amp: Any, file: Any) -> str:
+    if not isinstance(amp, bool):
+        raise ConfigError(file, "amp", f"expected true or false, got {amp!r}")
+    return "fp16" if amp else "fp32"
 
 
 def _torch_load(path: Path) -> Any:
@@ -160,7 +190,9 @@ def load_backbone_weights(model: Segmenter, file: str | os.PathLike, backbone: s
 
     timm reads the file (pth, safetensors or npz) into its own model; its weights are then
     copied with the position grid resized bilinearly to the training grid, as the reference's
-    ``checkpoint_filter_fn`` does (24x24 -> 32x32 for 384 checkpoints at 512).
+    ``checkpoint_filter_fn`` does (24x24 -> 32x32 for 384 checkpoints at 512), the class (and
+    distillation) tokens kept as they are. A backbone timm does not know (the reference's own
+    ``vit_base_patch8_384``) is read as a plain state dict in timm's ViT layout.
     The ImageNet heads may differ in size (21k checkpoints): they are unused and skipped.
     """
     import timm
@@ -168,17 +200,19 @@ def load_backbone_weights(model: Segmenter, file: str | os.PathLike, backbone: s
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"{file}: no such backbone weights file")
-    if backbone not in timm.list_models():
-        raise CheckpointError(f"{file}: backbone {backbone!r} is not a timm model, so its weights cannot be read")
     try:
-        src = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(file)})
+        if backbone in timm.list_models():
+            src = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(file)}).state_dict()
+        else:
+            src = timm.models.load_state_dict(str(file))
     except Exception as e:
         raise CheckpointError(f"{file}: timm could not load it as {backbone}: {type(e).__name__}: {e}") from None
     enc = model.encoder
-    state = {k: v for k, v in src.state_dict().items()
-             if not (k.startswith(("head.", "head_dist.")) and enc.state_dict()[k].shape != v.shape)}
-    pos = state["pos_embed"]
-    if pos.shape != enc.pos_embed.shape:
+    own = enc.state_dict()
+    state = {k: v for k, v in src.items()
+             if not (k.startswith(("head.", "head_dist.")) and k in own and own[k].shape != v.shape)}
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != enc.pos_embed.shape:
         old = int((pos.shape[1] - enc.num_extra_tokens) ** 0.5)
         state["pos_embed"] = resample_abs_pos_embed(pos, list(enc.grid_size), [old, old], enc.num_extra_tokens,
                                                     interpolation="bilinear", antialias=False)

@@ -43,6 +43,36 @@ def _copy_fixture(parity_dir, tmp_path):
     return dst
 
 
+def test_variant_training_settings_reach_the_config(tmp_path):
+    from harness.models.checkpoint import config_from_variant
+
+    variant = read_variant("tests/fixtures/vit_mask/variant.yml")
+    assert variant["amp"] is False
+    cfg = config_from_variant(variant, "vit_mask")
+    assert cfg.optim.amp == "fp32" and cfg.optim.nesterov  # timm's "sgd" is Nesterov SGD
+    assert cfg.eval.train_stride == "window"
+    # every optimizer_kwargs value reaches the config, each set apart from its default
+    variant["amp"] = True
+    variant["world_batch_size"] = 16
+    variant["algorithm_kwargs"].update(num_epochs=10, eval_freq=3)
+    variant["optimizer_kwargs"].update(opt="momentum", lr=0.02, momentum=0.8, weight_decay=1e-4, min_lr=2e-6,
+                                       poly_power=1.5, iter_max=1000, epochs=10, iter_warmup=50.0,
+                                       poly_step_size=4, clip_grad=0.5)
+    o = config_from_variant(variant, "vit_mask").optim
+    assert (o.amp, o.batch_size, o.nesterov, o.lr, o.momentum, o.weight_decay, o.min_lr, o.poly_power,
+            o.iterations, o.warmup_iterations, o.poly_step_size, o.clip_grad, o.eval_interval) == (
+        "fp16", 16, False, 0.02, 0.8, 1e-4, 2e-6, 1.5, 1000, 50, 4, 0.5, 300)
+    for key, value, field in (("opt", "adamw", "optimizer_kwargs.opt"), ("sched", "cosine", "optimizer_kwargs.sched")):
+        bad = read_variant("tests/fixtures/vit_mask/variant.yml")
+        bad["optimizer_kwargs"][key] = value
+        with pytest.raises(ConfigError, match=field):
+            config_from_variant(bad, "vit_mask", "variant.yml")
+    bad["optimizer_kwargs"]["sched"] = "polynomial"
+    bad["amp"] = "yes"
+    with pytest.raises(ConfigError, match="field 'amp'"):
+        config_from_variant(bad, "vit_mask", "variant.yml")
+
+
 def test_missing_unexpected_and_mismatched_keys_are_listed(parity_dir, tmp_path):
     d = _copy_fixture(parity_dir, tmp_path)
     ckpt = torch.load(d / "checkpoint.pth", weights_only=True)

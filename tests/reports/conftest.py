@@ -13,6 +13,8 @@ from harness.config import load_documented
 EVAL_PARAMS = {"eval.window": "512", "eval.stride": "480", "eval.scales": "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]",
                "eval.flip": "True", "eval.small_views": "upsample"}
 BENCH_PARAMS = {"bench.batch_size": "1", "bench.precision": "fp32", "bench.image_size": "512", "bench.device": "cpu"}
+# what an encoder trained from the Hugging Face checkpoint records (harness.tracking.init_tag)
+PRETRAINED_INIT = "vit_tiny_patch16_384.augreg_in21k_ft_in1k sha256:" + "5e" * 32
 KERNEL_ROWS = [  # kernel, impl, direction, B, H, N, D, C, stat, tflops (ms, gbps, frac_peak derived)
     (k, impl, "fwd", 8, 3, n, 64, c, stat, tf)
     for k, c in (("attention", ""), ("mask_decoder", 150))
@@ -30,21 +32,22 @@ class Store:
     runs: dict          # label -> run id
     logged: dict        # label -> {metric: value} of the final metrics each run logged
     kernel_rows: list   # the kernels profile CSV's rows (see KERNEL_ROWS)
+    pretrained_init: str = PRETRAINED_INIT  # the init tag of the "tiny" run
 
 
 def _child(client, exp, parent, start, config, profile, status, metrics, *, recipe="reference", error=None,
-           curves=None, bench=False, mlflow_status=None):
+           curves=None, bench=False, mlflow_status=None, init="scratch", amp="fp32"):
     from mlflow.entities import Metric, Param, RunTag
 
     tags = {"segrepro.kind": "config", "segrepro.config": config, "segrepro.recipe": recipe,
             "segrepro.profile": profile, "segrepro.config_hash": f"hash-{config}", "segrepro.status": status,
-            "mlflow.parentRunId": parent}
+            "mlflow.parentRunId": parent, "segrepro.init": init}
     if error:
         tags["segrepro.error"] = error
     run = client.create_run(exp, start_time=start, tags=tags, run_name=config)
     rid = run.info.run_id
     params = {"name": config, "recipe": recipe, "profile": profile, "model.d_model": "192",
-              "git_commit": "0" * 40, "device": "cpu", "versions.torch": "2.14.1", **EVAL_PARAMS,
+              "git_commit": "0" * 40, "device": "cpu", "versions.torch": "2.14.1", "optim.amp": amp, **EVAL_PARAMS,
               **(BENCH_PARAMS if bench else {})}
     batch = [Metric(k, v, start, 0) for k, v in metrics.items()]
     for metric, points in (curves or {}).items():
@@ -86,10 +89,11 @@ def store(tmp_path_factory) -> Store:
         "tiny_old": _child(client, exp, parent, 2_000_000, "seg_tiny_mask", "full", "failed", {},
                            error="superseded failure"),
         "tiny": _child(client, exp, parent, 3_000_000, "seg_tiny_mask", "full", "finished", logged["tiny"],
-                       curves={"train/loss": loss, "train/lr": lr, "val/mIoU": val}, bench=True),
+                       curves={"train/loss": loss, "train/lr": lr, "val/mIoU": val}, bench=True,
+                       init=PRETRAINED_INIT),
         "small": _child(client, exp, parent, 3_100_000, "seg_small_mask", "full", "finished", logged["small"]),
         "base_smoke": _child(client, exp, parent, 3_200_000, "seg_base_mask", "smoke", "finished",
-                             logged["base_smoke"]),
+                             logged["base_smoke"], amp="bf16"),
         "deit_linear_failed": _child(client, exp, parent, 3_300_000, "seg_base_deit_linear", "full", "failed", {},
                                      error="CUDA out of memory\nTraceback (most recent call last): ..."),
         # The process died mid-run: the tag still says running, MLflow's own status says FAILED.

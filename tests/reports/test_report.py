@@ -121,6 +121,19 @@ def test_results_csv_is_the_long_table(store, report):
     assert set(mine.loc[mine["run_id"] == store.runs["tiny_old"], "status"]) == {"failed"}
 
 
+def test_every_reproduced_figure_names_its_weights_and_precision(store, report, markdown):
+    c = collect(store.uri)
+    init = store.pretrained_init
+    prov = tables.protocols_view(c).set_index("config")["weights and precision"]
+    assert prov["seg_tiny_mask"] == f"from {init}, trained in fp32"
+    assert prov["seg_base_mask"] == "from random init, trained in bf16"
+    long = c.long[(c.long["source"] == "segrepro") & c.long["metric"].isin(["miou_ss", "miou_msflip"])]
+    tiny = long[long["config"] == "seg_tiny_mask"]
+    assert len(tiny) == 2 and tiny["protocol"].str.endswith(f"; from {init}, trained in fp32").all()
+    rows = by_config(md_table(markdown, "Provenance of each run"))
+    assert init in rows["seg_tiny_mask"]["weights and precision"]
+
+
 def test_throughput_view(store, report):
     rows = report[1]["throughput"]
     assert [r["config"] for r in rows] == ["seg_tiny_mask"]  # the only run with a benchmark

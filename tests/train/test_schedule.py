@@ -87,6 +87,24 @@ def test_poly_matches_each_implementations_update_rule():
         assert poly_horizon(cfg) == horizon
 
 
+def test_reference_warmup_and_step_size():
+    """rstrudel/segmenter ``PolynomialLR.get_lr`` at ``last_epoch`` t, written out: the rate
+    changes only when t is a positive multiple of the step size and t <= iter_max."""
+    T, lr, lo, warmup, step = 40, 1e-2, 1e-4, 8, 3
+
+    def reference(t: int, current: float) -> float:
+        if t == 0 or t % step or t > T:
+            return current
+        coef = t / warmup * (1 - warmup / T) ** POWER if t < warmup else (1 - t / T) ** POWER
+        return (lr - lo) * coef + lo
+
+    want, cur = [], lr
+    for t in range(T + 6):
+        cur = reference(t, cur)
+        want.append(cur)
+    assert [poly_lr(t, lr, lo, POWER, T, warmup, step) for t in range(T + 6)] == pytest.approx(want, rel=1e-12)
+
+
 def test_scheduler_steps_once_per_iteration_and_never_below_min(model, tiny_cfg):
     cfg = tiny_cfg(optim={"iterations": 20, "lr": 0.5, "min_lr": 0.1})
     optimizer, scheduler = build_optimizer(model, cfg)
