@@ -27,9 +27,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Workers inherit the driver's environment: TRITON_INTERPRET, SEGREPRO_EXPERIMENTS, ...
+    # Workers inherit the driver's environment: TRITON_INTERPRET, SEGREPRO_EXPERIMENTS, and the
+    # Hugging Face cache settings under which the backbone weights were resolved
     runtime_env = {"env_vars": {k: v for k, v in os.environ.items()
-                                if k.startswith(("SEGREPRO_", "TRITON_"))}}
+                                if k.startswith(("SEGREPRO_", "TRITON_", "HF_"))}}
     try:
         if address:
             _check_reachable(address)

@@ -47,7 +47,7 @@ from harness.data import ADE20K, IGNORE_INDEX, build_train_transform, loader_gen
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights, save_model_checkpoint
 from harness.schedule import build_optimizer
-from harness.tracking import init_tag
+from harness.tracking import flatten, init_tag
 
 MODEL_FILE = "checkpoint.pth"
 RNG_FILE = "rng_rank{rank}.pt"
@@ -303,11 +303,11 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
             out[section] = {k: v for k, v in (out[section] or {}).items() if k not in keys}
         return out
 
-    old, now = training(saved), training(cfg.to_dict())
-    changed = [k for k in now if old[k] != now[k]]
+    old, now = flatten(training(saved)), flatten(training(cfg.to_dict()))
+    changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
     if changed:
-        raise InputError(f"{where}: the run in this directory was trained with different "
-                         f"{', '.join(changed)} settings; use a new run directory")
+        raise InputError(f"{where}: the run in this directory was trained with different model, data or "
+                         f"schedule settings ({'; '.join(changed)}); use a new run directory")
 
 
 def _restore(directory: Path, rank: int, model, cfg: Config, optimizer, scheduler, scaler) -> _State:

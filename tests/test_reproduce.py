@@ -17,6 +17,7 @@ from harness.data.synth import synthesize
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:
+  model: {init: scratch}
   data: {crop_size: 64, train_scale: [256, 64], test_scale: 64, num_workers: 0}
   optim: {iterations: ITERS, batch_size: 2, lr: 0.01, min_lr: 0.0001, eval_interval: 1000,
           checkpoint_interval: CKPT, log_interval: LOG}

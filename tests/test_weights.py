@@ -155,7 +155,7 @@ def test_init_modes_and_pinned_digest(tmp_path, hub_cache):
     # the identity is part of the run's identity: a resumed run may not change it
     resolved, _ = weights.resolve(full, cache_dir=hub_cache)
     assert resolved.config_hash() != scratch.config_hash()
-    with pytest.raises(InputError, match="different model settings"):
+    with pytest.raises(InputError, match="model.init .scratch. -> .pretrained.; model.init_sha256 None -> "):
         check_resumable(scratch.to_dict(), resolved, tmp_path)
 
 
@@ -176,3 +176,15 @@ def test_reproduce_without_weights_lists_every_missing_one(small_dataset, tmp_pa
     assert res.returncode == 2, res.stderr
     assert TINY_TAG in res.stderr and "vit_base_patch8_384 was never published" in res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_train_loop_loads_only_the_resolved_file(small_dataset, hub_cache, tmp_path):
+    from harness.train import LocalSession, train_loop
+
+    cfg = load_config("seg_tiny_mask", overrides={"optim": {"batch_size": 2}})
+    with pytest.raises(InputError, match=TINY_TAG):
+        train_loop(cfg, small_dataset, LocalSession(tmp_path))
+    resolved, found = weights.resolve(cfg, cache_dir=hub_cache)
+    other = load_config("seg_tiny_mask", overrides={"optim": {"batch_size": 2}, "model": {"init_sha256": "f" * 64}})
+    with pytest.raises(InputError, match=f"{found.path} on .*: SHA-256 {resolved.model.init_sha256} is not the ffff"):
+        train_loop(other, small_dataset, LocalSession(tmp_path), backbone_weights=found.path)
