@@ -14,3 +14,11 @@ TOLERANCE = {
     torch.float16: (3e-3, 5e-3),
     torch.bfloat16: (3e-2, 2e-2),
 }
+
+
+def gpu_tolerance_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose TOLERANCE a compiled kernel is held to: fp32 may run as TF32 where torch
+    allows it (float32_matmul_precision below "highest"), and is then held to fp16's."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return torch.float16
+    return dtype
