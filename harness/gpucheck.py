@@ -44,7 +44,7 @@ from harness.config import Config, InputError, load_config
 from harness.data.synth import METADATA_FILE, synthesize
 from harness.evaluate import run_eval
 from harness.scheduler import SEED_CONFIGS
-from harness.train import KILL_ENV, MODEL_FILE, TRACE_ENV, LocalSession, train, train_loop
+from harness.train import KILL_ENV, MODEL_FILE, TRACE_ENV, LocalSession, format_progress, train, train_loop
 from kernels.device import device_facts
 from kernels.profile import CSV_NAME, ZOO_BATCHES, ZOO_IMAGE_SIZES, profile_gpu, write_csv, zoo_shapes
 
@@ -100,14 +100,14 @@ def run_step(name: str, body: Callable, *args) -> StepRecord:
     start = time.perf_counter()
     try:
         body(rec, *args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's time includes its queued GPU work
     except Exception as e:  # noqa: BLE001 - one failing step must not stop the others
         traceback.print_exc()
         rec.fail(f"{type(e).__name__}: {e}")
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the step's time includes its queued GPU work
-            torch.cuda.empty_cache()
-        rec.seconds = time.perf_counter() - start
+    rec.seconds = time.perf_counter() - start
+    with contextlib.suppress(RuntimeError):  # a CUDA error left behind fails the next steps, not this line
+        torch.cuda.empty_cache()  # what the step cached goes back before the next one
     say(f"gpu-check: {name}: {rec.status} in {rec.seconds:.1f} s" + (f" ({rec.reason})" if rec.reason else ""))
     return rec
 
@@ -321,17 +321,14 @@ def _ray_workers(device: torch.device, batch: int) -> int:
 
 
 def _train_in_process(cfg: Config, data_root: Path, run_dir: Path, device: torch.device,
-                      records: list[dict]) -> tuple[Path, int]:
-    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=records.append,
-               stop_after=cfg.optim.iterations // 2)
-    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=records.append)
+                      progress: Callable[[dict], None]) -> tuple[Path, int]:
+    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=progress, stop_after=cfg.optim.iterations // 2)
+    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=progress)
     return LocalSession(run_dir).checkpoints()[-1] / MODEL_FILE, 1
 
 
 def _train_on_ray(cfg: Config, data_root: Path, run_dir: Path, device: torch.device,
-                  records: list[dict]) -> tuple[Path, int]:
-    import ray
-
+                  progress: Callable[[dict], None]) -> tuple[Path, int]:
     o = cfg.optim
     workers = _ray_workers(device, o.batch_size)
     # train() runs to the end: stop it the way a lost node does (the KILL_ENV hook: rank 0 dies
@@ -343,10 +340,12 @@ def _train_on_ray(cfg: Config, data_root: Path, run_dir: Path, device: torch.dev
     if kill_at > o.iterations:
         raise ValueError(f"optim.iterations {o.iterations} leaves no room to stop the run at iteration {kill_at}")
     say(f"  rank 0 is killed on purpose before iteration {kill_at} (Ray reports a dead worker), then resumed")
+    import ray
+
     with _environ({KILL_ENV: f"0:{kill_at}:{run_dir / 'killed'}"}):
         try:
             out = train(cfg, data_root, run_dir, workers=workers, gpus_per_worker=1 if device.type == "cuda" else 0,
-                        resume=False, progress_callback=records.append)
+                        resume=False, progress_callback=progress)
         finally:
             ray.shutdown()  # the next run starts Ray afresh with its own hook settings
     return Path(out["checkpoint"]), workers
@@ -386,10 +385,15 @@ def _train(rec: StepRecord, cfg: Config, data_root: Path, run_dir: Path, device:
     run_dir.mkdir(parents=True)
     trace = run_dir / "trace.jsonl"
     records: list[dict] = []
+
+    def progress(record: dict) -> None:
+        records.append(record)
+        say("  " + format_progress(record))
+
     with warnings.catch_warnings(), _environ({TRACE_ENV: str(trace)}):
         warnings.filterwarnings("ignore", message=".*training from scratch")  # the summary says so
         body = _train_on_ray if on_ray else _train_in_process
-        checkpoint, workers = body(cfg, data_root, run_dir, device, records)
+        checkpoint, workers = body(cfg, data_root, run_dir, device, progress)
     losses, replay_diff, problems = check_trace([json.loads(line) for line in trace.read_text().splitlines()],
                                                 workers, half, o.iterations)
     last, before = records[-1], records[-2]  # both from the resumed run: its last log interval
@@ -488,7 +492,8 @@ def _facts() -> dict:
 
 
 def run_checks(out_dir: Path, quick: bool) -> list[StepRecord]:
-    """Every step on cuda:0, the summary rewritten under ``out_dir`` after each."""
+    """Every step (on cuda:0; training on Ray uses as many GPUs as divide its batch), the
+    summary rewritten under ``out_dir`` after each."""
     started = time.time()
     facts = _facts()
     records: list[StepRecord] = []
@@ -552,9 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gpu-check: interrupted", file=sys.stderr)
-        return 130
     failed = [r.name for r in records if r.status == "failed"]
     say(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'passed'}; summary in "
         f"{out_dir / 'summary.md'} and {out_dir / 'summary.json'}")

@@ -180,6 +180,19 @@ def test_training_config_is_the_zoo_crop_for_twenty_iterations():
     assert (cfg.optim.iterations, cfg.optim.checkpoint_interval, cfg.optim.log_interval) == (20, 10, 5)
 
 
+def test_data_step_generates_once_and_again_when_the_spec_changes(tmp_path):
+    spec = {"train": 2, "val": 1, "size": (16, 24), "classes": 3, "seed": 0}
+    rec = gpucheck.data_step(tmp_path, spec)
+    assert rec.status == "passed" and rec.figures["size"] == [16, 24]
+    images = tmp_path / "ADEChallengeData2016" / "images"
+    first = next((images / "training").iterdir())
+    stamp = first.stat().st_mtime_ns
+    assert gpucheck.data_step(tmp_path, spec).status == "passed"
+    assert first.stat().st_mtime_ns == stamp  # reused
+    assert gpucheck.data_step(tmp_path, {**spec, "train": 3}).status == "passed"
+    assert len(list((images / "training").iterdir())) == 3
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpucheck_data")
@@ -213,6 +226,7 @@ def test_train_step_in_process_then_eval_step_on_cpu(tiny_data, tmp_path):
 def test_train_step_on_ray_with_gloo_is_killed_once_and_resumed(tiny_data, tmp_path):
     # The GPU check's Ray Train path on CPU workers: rank 0 dies before iteration 8, Ray Train
     # restores it from the checkpoint at 4, and the replayed iterations give the same losses.
+    pytest.importorskip("ray")
     cfg = gpucheck.training_config("fp32", {**TINY, **SHORT})
     result = {}
     rec = gpucheck.train_step(cfg, tiny_data, tmp_path, "cpu", on_ray=True, result=result)

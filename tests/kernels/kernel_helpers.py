@@ -6,6 +6,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 no_cuda_only = pytest.mark.skipif(HAS_CUDA, reason="tests the no-GPU (interpreter) path")
+every_dtype = pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                                      ids=lambda d: str(d).removeprefix("torch."))
 
 # (atol, rtol) for kernel vs an fp32 reference fed the same low-precision inputs: fp32 is
 # ~1e-6 off in practice (different summation order), fp16 ~5e-4, bf16 ~1e-2.

@@ -6,7 +6,7 @@ ragged against the interpreter's blocks (64 queries x 32 keys forward).
 
 import pytest
 import torch
-from kernel_helpers import gpu_tolerance_dtype, requires_cuda
+from kernel_helpers import every_dtype, gpu_tolerance_dtype, requires_cuda
 
 import kernels
 from kernels.reference import attention_reference
@@ -157,8 +157,7 @@ GPU_RAGGED = [(1, 1, 1, 64), (2, 1, 17, 16), (1, 2, 65, 32), (2, 3, 197, 64), (1
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
+@every_dtype
 @pytest.mark.parametrize("shape", GPU_RAGGED, ids=str)
 def test_gpu_ragged_shapes(dtype, shape, check_close):
     got, want = _run_both(*_inputs(shape, dtype, "cuda"))

@@ -6,7 +6,7 @@ the 32-row block, D = 64 takes two 32-wide steps.
 
 import pytest
 import torch
-from kernel_helpers import gpu_tolerance_dtype, requires_cuda
+from kernel_helpers import every_dtype, gpu_tolerance_dtype, requires_cuda
 
 import kernels
 from kernels.reference import mask_logits_reference
@@ -135,8 +135,7 @@ GPU_RAGGED = [(1, 1, 150, 64), (2, 65, 150, 64), (1, 197, 19, 48), (3, 1025, 150
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).removeprefix("torch."))
+@every_dtype
 @pytest.mark.parametrize("shape", GPU_RAGGED, ids=str)
 def test_gpu_ragged_shapes(dtype, shape, check_close):
     _check_on_gpu(shape, dtype, check_close)
