@@ -159,7 +159,7 @@ def format_markdown(summary: dict) -> str:
              f"{' (--quick)' if summary['quick'] else ''}; "
              + ", ".join(f"{n} {s}" for s, n in summary["counts"].items()), "",
              *_table(["step", "status", "seconds", "reason"],
-                     [[s["name"], s["status"], s["seconds"], s["reason"]] for s in summary["steps"]])]
+                     [[s["name"], s["status"], round(s["seconds"], 1), s["reason"]] for s in summary["steps"]])]
     for s in summary["steps"]:
         if not (s["figures"] or s["rows"]):
             continue

@@ -103,7 +103,7 @@ def test_a_failing_step_is_recorded_and_does_not_raise():
 def test_summary_json_and_markdown(tmp_path):
     records = [
         StepRecord("GPU-only tests", seconds=12.5, figures={"passed": 42, "skipped": 0}),
-        StepRecord("train fp32", "failed", "a loss is not finite", 3.0,
+        StepRecord("train fp32", "failed", "a loss is not finite", 3.04,
                    figures={"losses": [2.5, float("nan")], "peak_memory_mb": None}),
         StepRecord("Ray Train + NCCL", "skipped", "Ray is not importable"),
         StepRecord("bench", seconds=1.0, rows=[{"config": "seg_tiny_mask", "images_per_s": 123.456},
