@@ -351,6 +351,10 @@ def _train_on_ray(cfg: Config, data_root: Path, run_dir: Path, device: torch.dev
     return Path(out["checkpoint"]), workers
 
 
+def _span(iterations: list[int]) -> str:
+    return f"{iterations[0]}..{iterations[-1]}" if iterations else "none"
+
+
 def check_trace(lines: list[dict], workers: int, half: int, total: int) -> tuple[dict[int, float], float | None,
                                                                                    list[str]]:
     """From the TRACE_ENV lines of a run stopped after ``half`` and resumed: rank 0's loss per
@@ -367,8 +371,8 @@ def check_trace(lines: list[dict], workers: int, half: int, total: int) -> tuple
     for rank in range(workers):
         first, resumed = sorted(by_run.get((rank, 0), {})), sorted(by_run.get((rank, half), {}))
         if first[:half] != list(range(1, half + 1)) or resumed != list(range(half + 1, total + 1)):
-            problems.append(f"rank {rank}: iterations {first[:1] + first[-1:]} first, {resumed[:1] + resumed[-1:]} "
-                            f"resumed; expected 1..{half} (or a few more), then {half + 1}..{total}")
+            problems.append(f"rank {rank}: iterations {_span(first)} first, {_span(resumed)} resumed; expected "
+                            f"1..{half} (or a few more), then {half + 1}..{total}")
     first, resumed = by_run.get((0, 0), {}), by_run.get((0, half), {})
     replayed = [abs(first[t] - resumed[t]) for t in first.keys() & resumed.keys()]
     return {**first, **resumed}, max(replayed) if replayed else None, problems
@@ -394,13 +398,13 @@ def _train(rec: StepRecord, cfg: Config, data_root: Path, run_dir: Path, device:
         warnings.filterwarnings("ignore", message=".*training from scratch")  # the summary says so
         body = _train_on_ray if on_ray else _train_in_process
         checkpoint, workers = body(cfg, data_root, run_dir, device, progress)
-    losses, replay_diff, problems = check_trace([json.loads(line) for line in trace.read_text().splitlines()],
-                                                workers, half, o.iterations)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    losses, replay_diff, problems = check_trace(lines, workers, half, o.iterations)
     last, before = records[-1], records[-2]  # both from the resumed run: its last log interval
     peaks = [r["peak_memory_mb"] for r in records if "peak_memory_mb" in r]
     rec.figures.update(
         precision=o.amp, weights="random (from scratch)", crop=cfg.data.crop_size, global_batch=o.batch_size,
-        workers=workers, iterations=last["iteration"], resumed_from=half,
+        workers=workers, iterations=last["iteration"], resumed_from=max(line["start"] for line in lines),
         losses=[losses[t] for t in sorted(losses)], replayed_max_loss_diff=replay_diff,
         s_per_iteration=(last["elapsed_s"] - before["elapsed_s"]) / (last["iteration"] - before["iteration"]),
         peak_memory_mb=max(peaks) if peaks else None, val_mIoU=last.get("val/mIoU"), checkpoint=str(checkpoint))
