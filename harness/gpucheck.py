@@ -184,7 +184,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
     """``summary.json`` and ``summary.md`` under ``out_dir``, each replaced in one rename."""
     paths = out_dir / "summary.json", out_dir / "summary.md"
-    _write_atomic(paths[0], json.dumps(summary, indent=2) + "\n")
+    # default=str: an odd figure type must not cost the whole summary
+    _write_atomic(paths[0], json.dumps(summary, indent=2, default=str) + "\n")
     _write_atomic(paths[1], format_markdown(summary))
     return paths
 
