@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ demo: venv
 	@test -d $(DEMO_DATA)/ADEChallengeData2016 || \
 		$(BIN)/segrepro data synth --root $(DEMO_DATA) --train 200 --val 8 --size 128x160 --classes 8 --seed 0
 	$(BIN)/segrepro reproduce --configs seed --profile smoke --data-root $(DEMO_DATA) --run-dir $(DEMO_DIR)
+
+# Validates a CUDA GPU (GPU-only tests, kernel profile, training, evaluation, benchmark) into
+# GPU_CHECK_OUT; where none is visible it says so and exits 0. No `make venv`: a bare GPU
+# machine's python3 with torch, triton and timm runs it from the checkout.
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=. $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m harness.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

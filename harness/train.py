@@ -449,6 +449,8 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
             done = t - start
             metrics = {"iteration": t, "total": o.iterations, "epoch": state.epoch, "loss": mean_loss, "lr": lr,
                        "eta_s": train_time / done * (o.iterations - t), "elapsed_s": train_time}
+            if device.type == "cuda":  # the CUDA allocator peak of this rank so far (for gpu-check)
+                metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if do_eval:
                 state.val = _validate(model, cfg, val_set, device)
                 metrics.update(state.val)
