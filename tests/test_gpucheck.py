@@ -200,7 +200,6 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-@pytest.mark.filterwarnings("ignore:.*training from scratch")
 def test_train_step_in_process_then_eval_step_on_cpu(tiny_data, tmp_path):
     cfg = gpucheck.training_config("fp32", {**TINY, **SHORT, "eval": {**TINY["eval"], "scales": [0.75, 1.25]}})
     result = {}
@@ -222,7 +221,6 @@ def test_train_step_in_process_then_eval_step_on_cpu(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*training from scratch")
 def test_train_step_on_ray_with_gloo_is_killed_once_and_resumed(tiny_data, tmp_path):
     # The GPU check's Ray Train path on CPU workers: rank 0 dies before iteration 8, Ray Train
     # restores it from the checkpoint at 4, and the replayed iterations give the same losses.
@@ -307,7 +305,6 @@ def test_gpu_check_quick_passes_every_step(tmp_path):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.filterwarnings("ignore:.*training from scratch")
 def test_gpu_train_step_in_process_bf16(tmp_path):
     # The path a machine without Ray takes; the quick check above uses Ray where it is importable.
     data = tmp_path / "data"
