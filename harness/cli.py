@@ -194,8 +194,6 @@ def weights_table(cfgs: list, backbone_dir: str | None) -> list[dict]:
 
 
 def cmd_weights_check(args: argparse.Namespace) -> int:
-    if args.backbone_dir and not Path(args.backbone_dir).is_dir():
-        raise InputError(f"--backbone-dir {args.backbone_dir}: no such directory")
     from harness import weights
 
     rows = weights_table(_weights_configs(args), args.backbone_dir)

@@ -128,8 +128,6 @@ class Reproduction:
                 list_pairs(self.opts.data_root, split)
             except (FileNotFoundError, ValueError) as e:
                 raise InputError(f"--data-root {self.opts.data_root}: {e}") from None
-        if self.opts.backbone_dir and not self.opts.backbone_dir.is_dir():
-            raise InputError(f"--backbone-dir {self.opts.backbone_dir}: no such directory")
         self._resolve_weights()
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
@@ -169,7 +167,7 @@ class Reproduction:
             self.backbones[cfg.name] = found.path if found else None
             self.init_notes[cfg.name] = weights.describe(cfg, found, requested)
         if missing:
-            raise InputError("\n".join(missing))
+            raise InputError("\n".join(dict.fromkeys(missing)))  # a bad --backbone-dir once, not per row
         self.cfgs = resolved
 
     def _run_one(self, cfg: Config) -> dict:

@@ -487,6 +487,10 @@ def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float) 
         raise InputError(f"--gpus-per-worker must not be negative, got {gpus_per_worker}")
     if cfg.optim.batch_size % workers:
         raise InputError(f"{cfg.name}: global batch {cfg.optim.batch_size} is not divisible by {workers} workers")
+    if cfg.optim.amp != "fp32" and gpus_per_worker == 0:
+        # a CPU run would train in fp32 and record another precision beside its figures
+        raise InputError(f"{cfg.name}: --amp {cfg.optim.amp} needs CUDA workers (--gpus-per-worker > 0); "
+                         f"CPU workers train in fp32")
     for split in ("training", "validation"):
         try:
             ADE20K(data_root, split)

@@ -98,6 +98,8 @@ def locate(cfg: Config, backbone_dir: str | os.PathLike | None = None, file: str
            cache_dir: str | os.PathLike | None = None) -> BackboneFile | None:
     """The backbone file of ``cfg`` (explicit file, hub cache, backbone dir), hashed; None if absent."""
     m = cfg.model
+    if backbone_dir is not None and not Path(backbone_dir).is_dir():
+        raise InputError(f"--backbone-dir {backbone_dir}: no such directory")
     if file is not None:
         path = Path(file)
         if not path.is_file():

@@ -24,6 +24,8 @@ def test_arguments_parse():
 @pytest.mark.parametrize("extra, message", [
     (["--workers", "3"], "not divisible by 3 workers"),
     (["--backbone-weights", "missing.pth"], "no such file"),
+    (["--amp", "bf16"], "--amp bf16 needs CUDA workers"),
+    (["--backbone-dir", "nowhere"], "--backbone-dir nowhere: no such directory"),
 ])
 def test_bad_input_is_an_input_error(extra, message, data_root, tmp_path):
     with pytest.raises(InputError, match=message):
