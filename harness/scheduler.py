@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from harness.config import Config, InputError, load_config, zoo_names
-from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
+from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
+from harness.tracking import Tracker, default_tracking_uri
 
 SEED_CONFIGS = ("seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask")
 STAGES = ("train", "eval ss", "eval ms+flip", "bench")
@@ -113,27 +114,25 @@ class Reproduction:
         self.uri = opts.tracking_uri or default_tracking_uri(opts.run_dir)
         self.cfgs: list[Config] = []
 
-    def validate(self) -> None:
-        """Every input checked before any work starts: configurations, data, store, cluster."""
-        from harness.data.ade20k import list_pairs
-
+    def check_arguments(self) -> None:
+        """The configurations resolve and the arguments fit them."""
         self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile) for n in self.opts.configs]
-        for split in ("training", "validation"):
-            try:
-                list_pairs(self.opts.data_root, split)
-            except (FileNotFoundError, ValueError) as e:
-                raise InputError(f"--data-root {self.opts.data_root}: {e}") from None
         if self.opts.backbone_dir and not self.opts.backbone_dir.is_dir():
             raise InputError(f"--backbone-dir {self.opts.backbone_dir}: no such directory")
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
                 raise InputError(f"--workers {self.opts.workers}: must divide {cfg.name}'s global batch "
                                  f"{cfg.optim.batch_size}")
-        self.opts.run_dir.mkdir(parents=True, exist_ok=True)
-        check_tracking_uri(self.uri)
-        from harness.raylib import ensure_ray
 
-        ensure_ray(self.opts.address)
+    def target(self) -> Target:
+        o = self.opts
+        return Target(self.cfgs, o.data_root, o.run_dir, self.uri, o.address, o.workers, o.gpus_per_worker)
+
+    def validate(self) -> None:
+        """Every input checked before any work starts: the arguments, then the cheap preflight
+        checks (data layout, store, cluster, run directory seen from every node, resources)."""
+        self.check_arguments()
+        require_cheap_checks(self.target())
 
     def run(self) -> list[dict]:
         from kernels.device import device_facts
@@ -223,8 +222,9 @@ class Reproduction:
     def _resources(self) -> dict:
         import ray
 
-        gpu = ray.cluster_resources().get("GPU", 0) > 0
-        return {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+        ask = stage_resources(self.opts.workers, self.opts.gpus_per_worker,
+                              ray.cluster_resources().get("GPU", 0))["eval/bench"]
+        return {"num_cpus": ask["CPU"], "num_gpus": ask["GPU"]}
 
     def _eval(self, cfg: Config, work: Path, checkpoint: str, ms_flip: bool, note) -> dict:
         import ray
@@ -277,3 +277,10 @@ def reproduce(opts: Options) -> tuple[list[dict], str]:
     rep = Reproduction(opts)
     rep.validate()
     return rep.run(), rep.uri
+
+
+def preflight(opts: Options, iterations: int = MEASURED_ITERATIONS, progress: bool = True) -> dict:
+    """``reproduce --preflight``: the arguments, then every check and measurement (no work)."""
+    rep = Reproduction(opts)
+    rep.check_arguments()
+    return run_preflight(rep.target(), iterations, progress)
