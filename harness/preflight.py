@@ -183,6 +183,7 @@ def _run_directory(t: Target) -> str:
         bad = []
         for node, ref in refs.items():
             if ref not in ready:
+                ray.cancel(ref)
                 bad.append(f"node {node[:12]}: no answer in {PROBE_TIMEOUT_S} s")
                 continue
             error = ray.get(ref)
@@ -248,13 +249,6 @@ def require_cheap_checks(t: Target) -> None:
 
 # ---------------------------------------------------------------- measurement
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(cfg: Config, data_root: str, workers: int, iterations: int = MEASURED_ITERATIONS) -> dict:
     """One training worker's cost of ``cfg`` (runs inside a Ray task holding that worker's
     resources): ``iterations`` steps after one warm-up at the crop, per-worker batch and
@@ -262,7 +256,7 @@ def measure(cfg: Config, data_root: str, workers: int, iterations: int = MEASURE
     timed apart; then one validation image evaluated ss and ms+flip."""
     import torch
 
-    from harness.benchmark import peak_memory_mb
+    from harness.benchmark import _sync, peak_memory_mb
     from harness.data import ADE20K
     from harness.evaluate import Protocol, model_predictor
     from harness.models import build_model
@@ -429,7 +423,7 @@ def format_report(r: dict) -> str:
     rows = []
     for c in r["configs"]:
         if "error" in c:
-            rows.append([c["config"], c["error"]] + [""] * 8)
+            rows.append([c["config"], c["error"]] + [""] * 7)
             continue
         m, p = c["measured"], c["projection"]
         rows.append([c["config"], f"{m['per_worker_batch']} x {m['crop']}² {m['precision']} {m['device']}",
@@ -456,5 +450,7 @@ def format_report(r: dict) -> str:
             "GPU-h = GPU-seconds in use / 3600",
             f"assumes: {r['assumptions']}",
         ]
-    lines += ["", "preflight: " + ("everything passed" if r["ok"] else "FAILED")]
+    failed = [c["name"] for c in r["checks"] if c["status"] == "fail"] + \
+        [f"{c['config']} not measured" for c in r["configs"] if "error" in c]
+    lines += ["", "preflight: " + ("everything passed" if r["ok"] else "FAILED: " + ", ".join(failed))]
     return "\n".join(lines)
