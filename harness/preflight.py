@@ -400,6 +400,11 @@ def run_preflight(t: Target, iterations: int = MEASURED_ITERATIONS, progress: bo
             cause = getattr(e, "cause", None) or e  # a RayTaskError carries the task's exception
             line = (str(cause).strip().splitlines() or [""])[0]
             configs.append({"config": cfg.name, "error": f"measurement failed: {type(cause).__name__}: {line}"})
+        if progress and "measured" in configs[-1]:  # a long preflight shows each result as it comes
+            m, p = configs[-1]["measured"], configs[-1]["projection"]
+            print(f"preflight: {cfg.name}: loader {p['loader_s_per_iteration']:.3f} s/it, step {m['step_s']:.3f} s/it, "
+                  f"peak {m['peak_memory_mb']:.0f} MB, ss {m['eval_ss_s']:.2f} s, ms+flip {m['eval_msflip_s']:.2f} s, "
+                  f"full schedule {_duration(p['wall_s'])}", file=sys.stderr, flush=True)
     measured = [c for c in configs if "projection" in c]
     total = {"wall_s": sum(c["projection"]["wall_s"] for c in measured),
              "gpu_hours": sum(c["projection"]["gpu_hours"] for c in measured)}
