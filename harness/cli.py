@@ -152,6 +152,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                    force=args.force, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    backbone_dir=Path(args.backbone_dir) if args.backbone_dir else None,
                    from_scratch=args.from_scratch, amp=args.amp, argv=sys.argv[1:])
+    if args.preflight:
+        from harness.preflight import format_report
+        from harness.scheduler import preflight
+
+        result = preflight(opts, args.preflight_iterations, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else format_report(result))
+        return 0 if result["ok"] else 1
     start = time.perf_counter()
     outcomes, uri = reproduce(opts)
     seconds = time.perf_counter() - start
@@ -306,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_arguments(p)
     p.set_defaults(func=train.run)
 
+    from harness.preflight import MEASURED_ITERATIONS
+
     p = sub.add_parser("reproduce", help="every configuration: train, eval ss and ms+flip, benchmark; then the report")
     p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
     p.add_argument("--profile", help="run profile: full or smoke (default: the config's, full)")
@@ -318,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per training worker")
     train.add_init_arguments(p)
     p.add_argument("--force", action="store_true", help="rerun configurations that already have a finished run")
+    p.add_argument("--preflight", action="store_true", help="check everything and measure what each configuration "
+                   "will cost, then stop (exit 0 only when every check passed)")
+    p.add_argument("--preflight-iterations", type=int, default=MEASURED_ITERATIONS, metavar="N",
+                   help=f"training iterations measured per configuration after one warm-up (default {MEASURED_ITERATIONS})")
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_reproduce)
 

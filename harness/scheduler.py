@@ -23,7 +23,8 @@ import yaml
 
 from harness import weights
 from harness.config import Config, InputError, load_config, zoo_names
-from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
+from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
+from harness.tracking import Tracker, default_tracking_uri
 
 SEED_CONFIGS = ("seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask")
 STAGES = ("train", "eval ss", "eval ms+flip", "bench")
@@ -116,28 +117,28 @@ class Reproduction:
         self.uri = opts.tracking_uri or default_tracking_uri(opts.run_dir)
         self.cfgs: list[Config] = []
 
-    def validate(self) -> None:
-        """Every input checked before any work starts: configurations, data, store, cluster."""
-        from harness.data.ade20k import list_pairs
-
+    def check_arguments(self) -> None:
+        """The configurations resolve and the arguments fit them."""
         overrides = {"optim": {"amp": self.opts.amp}} if self.opts.amp else None
         self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile, overrides=overrides)
                      for n in self.opts.configs]
-        for split in ("training", "validation"):
-            try:
-                list_pairs(self.opts.data_root, split)
-            except (FileNotFoundError, ValueError) as e:
-                raise InputError(f"--data-root {self.opts.data_root}: {e}") from None
-        self._resolve_weights()
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
                 raise InputError(f"--workers {self.opts.workers}: must divide {cfg.name}'s global batch "
                                  f"{cfg.optim.batch_size}")
-        self.opts.run_dir.mkdir(parents=True, exist_ok=True)
-        check_tracking_uri(self.uri)
-        from harness.raylib import ensure_ray
 
-        ensure_ray(self.opts.address)
+    def target(self) -> Target:
+        o = self.opts
+        return Target(self.cfgs, o.data_root, o.run_dir, self.uri, o.address, o.workers, o.gpus_per_worker,
+                      o.backbone_dir, o.from_scratch)
+
+    def validate(self) -> None:
+        """Every input checked before any work starts: the arguments, then the cheap preflight
+        checks (weights, data layout, store, cluster, run directory seen from every node,
+        resources); the configurations then carry their resolved weights."""
+        self.check_arguments()
+        require_cheap_checks(self.target())
+        self._resolve_weights()
 
     def run(self) -> list[dict]:
         from kernels.device import device_facts
@@ -153,22 +154,12 @@ class Reproduction:
         return outcomes
 
     def _resolve_weights(self) -> None:
-        """Every configuration's ImageNet checkpoint found (or its from-scratch fallback
-        decided) before any work: one message lists every missing one."""
-        resolved, missing, self.init_notes, self.backbones = [], [], {}, {}
-        for cfg in self.cfgs:
-            requested = cfg.model.init
-            try:
-                cfg, found = weights.resolve(cfg, self.opts.backbone_dir, from_scratch=self.opts.from_scratch)
-            except InputError as e:
-                missing.append(str(e))
-                continue
-            resolved.append(cfg)
-            self.backbones[cfg.name] = found.path if found else None
-            self.init_notes[cfg.name] = weights.describe(cfg, found, requested)
-        if missing:
-            raise InputError("\n".join(dict.fromkeys(missing)))  # a bad --backbone-dir once, not per row
-        self.cfgs = resolved
+        """Every configuration's ImageNet checkpoint found (or its from-scratch fallback decided)
+        before any work; the resolved configs carry the file's SHA-256."""
+        resolved = weights.resolve_all(self.cfgs, self.opts.backbone_dir, self.opts.from_scratch)
+        self.cfgs = [r.cfg for r in resolved]
+        self.backbones = {r.cfg.name: r.file.path if r.file else None for r in resolved}
+        self.init_notes = {r.cfg.name: r.note for r in resolved}
 
     def _run_one(self, cfg: Config) -> dict:
         name = cfg.name
@@ -240,8 +231,9 @@ class Reproduction:
     def _resources(self) -> dict:
         import ray
 
-        gpu = ray.cluster_resources().get("GPU", 0) > 0
-        return {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+        ask = stage_resources(self.opts.workers, self.opts.gpus_per_worker,
+                              ray.cluster_resources().get("GPU", 0))["eval/bench"]
+        return {"num_cpus": ask["CPU"], "num_gpus": ask["GPU"]}
 
     def _eval(self, cfg: Config, work: Path, checkpoint: str, ms_flip: bool, note) -> dict:
         import ray
@@ -294,3 +286,10 @@ def reproduce(opts: Options) -> tuple[list[dict], str]:
     rep = Reproduction(opts)
     rep.validate()
     return rep.run(), rep.uri
+
+
+def preflight(opts: Options, iterations: int = MEASURED_ITERATIONS, progress: bool = True) -> dict:
+    """``reproduce --preflight``: the arguments, then every check and measurement (no work)."""
+    rep = Reproduction(opts)
+    rep.check_arguments()
+    return run_preflight(rep.target(), iterations, progress)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from harness import weights
 from harness.config import Config, InputError, load_config
-from harness.data import ADE20K, IGNORE_INDEX, build_train_transform, loader_generator, seed_worker
+from harness.data import ADE20K, IGNORE_INDEX, DataError, build_train_transform, loader_generator, seed_worker
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights, save_model_checkpoint
 from harness.schedule import build_optimizer
@@ -181,6 +181,70 @@ def _loader(dataset: ADE20K, cfg: Config, epoch: int, position: int, per_rank: i
         dataset, batch_size=per_rank, sampler=[(epoch, i) for i in idx], num_workers=workers,
         worker_init_fn=seed_worker, generator=loader_generator(cfg.optim.seed, epoch, rank),
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=False)
+
+
+def _agree_on_error(error: str | None, device: torch.device) -> None:
+    """Every rank learns whether any rank hit a bad dataset file, and all raise the same
+    ``DataError`` together: a rank that raised alone would leave the others waiting in the next
+    collective, and Ray Train would retry a failure that repeats identically."""
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            messages = [None] * dist.get_world_size()
+            dist.all_gather_object(messages, error)
+            error = next(m for m in messages if m is not None)
+    if error is not None:
+        raise DataError(error)
+
+
+def _batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[dict]:
+    """The loader's batches, the ranks agreeing after every fetch that none failed (one tiny
+    all-reduce per iteration, negligible beside a step)."""
+    it = iter(loader)
+    while True:
+        error = None
+        try:
+            batch = next(it)
+        except StopIteration:  # every rank holds the same number of batches
+            return
+        except DataError as e:
+            error = str(e)
+        _agree_on_error(error, device)
+        yield batch
+
+
+def precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """Autocast dtype (None: fp32) and gradient scaler of ``cfg.optim.amp``; CPUs train in fp32."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.amp) if device.type == "cuda" else None
+    return amp, torch.amp.GradScaler("cuda") if amp is torch.float16 else None
+
+
+def train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict, optimizer, scheduler, scaler,
+               amp: torch.dtype | None, cfg: Config, device: torch.device) -> float:
+    """One iteration: forward, loss, backward, (clip,) update, schedule; returns the loss.
+    ``net`` is ``model`` or its DDP wrapper."""
+    o = cfg.optim
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        logits = net(image)
+    loss = segmentation_loss(logits, label, o.loss_average)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if o.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 def rng_state() -> dict:
@@ -345,7 +409,13 @@ def _load_backbone(model, cfg: Config, path: Path) -> None:
 def _validate(model, cfg: Config, val_set: ADE20K, device: torch.device) -> dict:
     model.eval()
     predict = model_predictor(model, cfg, Protocol.during_training(cfg), device)
-    cm = all_reduce_confusion(evaluate_dataset(predict, val_set, cfg.model.n_cls, progress=False))
+    cm, error = None, None
+    try:
+        cm = evaluate_dataset(predict, val_set, cfg.model.n_cls, progress=False)
+    except DataError as e:
+        error = str(e)
+    _agree_on_error(error, device)
+    cm = all_reduce_confusion(cm)
     model.train()
     out = cm.compute()
     return {"val/mIoU": out["mIoU"], "val/mAcc": out["mAcc"], "val/aAcc": out["aAcc"]}
@@ -382,8 +452,7 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     model = build_model(cfg.model)
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(o.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
+    amp, scaler = precision(cfg, device)
     seed_everything(o.seed + rank)  # dropout / drop-path differ across ranks
     with session.latest_checkpoint() as ckpt_dir:
         state = _restore(ckpt_dir, rank, model, cfg, optimizer, scheduler, scaler) if ckpt_dir else _State()
@@ -405,29 +474,10 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     model.train()
     while state.iteration < end:
         loader = _loader(train_set, cfg, state.epoch, state.position, per_rank, iters_per_epoch, rank, world)
-        for batch in loader:
+        for batch in _batches(loader, device):
             _maybe_kill(rank, state.iteration + 1)
             lr = optimizer.param_groups[0]["lr"]
-            image = batch["image"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = net(image)
-            loss = segmentation_loss(logits, label, o.loss_average)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            loss_value = loss.item()
+            loss_value = train_step(net, model, batch, optimizer, scheduler, scaler, amp, cfg, device)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{cfg.name}: loss is {loss_value} at iteration {state.iteration + 1}")
             state.iteration += 1
@@ -474,8 +524,11 @@ def _ray_worker(config: dict) -> dict:
     queue = config["queue"]
     session = RaySession()
     progress = queue.put if session.rank == 0 else None
-    return train_loop(config["cfg"], config["data_root"], session, backbone_weights=config["backbone_weights"],
-                      tracking=config["tracking"], progress=progress)
+    try:
+        return train_loop(config["cfg"], config["data_root"], session, backbone_weights=config["backbone_weights"],
+                          tracking=config["tracking"], progress=progress)
+    except DataError as e:  # every rank gets here together; returning keeps Ray Train from retrying
+        return {"data_error": str(e)}
 
 
 # ---------------------------------------------------------------- driver
@@ -621,7 +674,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     status = "FAILED"
     try:
         result = trainer.fit()
-        status = "FINISHED"
+        data_error = (result.return_value or {}).get("data_error")
+        status = "FAILED" if data_error else "FINISHED"
     finally:
         stop.set()
         drainer.join()
@@ -630,6 +684,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
             MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], status)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
+    if data_error:
+        raise DataError(f"{cfg.name}: training stopped on a bad dataset file: {data_error}")
     out = dict(result.return_value or {})
     out.update(checkpoint=str(Path(result.checkpoint.path) / MODEL_FILE), wall_time_s=time.perf_counter() - started,
                run_dir=str(run_dir), config=cfg.name, recipe=cfg.recipe, profile=cfg.profile,

@@ -154,6 +154,29 @@ def resolve(cfg: Config, backbone_dir: str | os.PathLike | None = None, file: st
     return _with_init(cfg, "pretrained", found.sha256), found
 
 
+@dataclass(frozen=True)
+class Resolved:
+    cfg: Config
+    file: BackboneFile | None
+    note: str  # what the encoder starts from, for people (describe)
+
+
+def resolve_all(cfgs: list[Config], backbone_dir: str | os.PathLike | None = None, from_scratch: bool = False,
+                cache_dir: str | os.PathLike | None = None) -> list[Resolved]:
+    """``resolve`` for every configuration; one InputError lists every one that is missing."""
+    out, missing = [], []
+    for cfg in cfgs:
+        try:
+            resolved, found = resolve(cfg, backbone_dir, from_scratch=from_scratch, cache_dir=cache_dir)
+        except InputError as e:
+            missing.append(str(e))
+            continue
+        out.append(Resolved(resolved, found, describe(resolved, found, cfg.model.init)))
+    if missing:
+        raise InputError("\n".join(dict.fromkeys(missing)))  # a bad --backbone-dir once, not per row
+    return out
+
+
 def _with_init(cfg: Config, init: str, sha256: str | None) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=init, init_sha256=sha256))
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,21 @@ PARITY_DIRS = ["vit_mask", "vit_linear", "deit_distilled_mask"]
 @pytest.fixture(params=PARITY_DIRS)
 def parity_dir(request) -> Path:
     return FIXTURES / request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_experiments():
+    """``tiny_experiments(dest, {name: profile YAML})``: a copy of experiments/ at ``dest`` with
+    ``tiny_test`` (seg_tiny_mask at two layers of width 64) and the given profiles, for
+    SEGREPRO_EXPERIMENTS."""
+    from harness.config import experiments_dir
+
+    def make(dest: Path, profiles: dict[str, str]) -> Path:
+        shutil.copytree(experiments_dir(), dest)
+        text = (dest / "zoo" / "seg_tiny_mask.yaml").read_text()
+        text = text.replace("d_model: 192", "d_model: 64").replace("n_layers: 12", "n_layers: 2").replace("n_heads: 3", "n_heads: 1")
+        (dest / "zoo" / "tiny_test.yaml").write_text(text)
+        for name, profile in profiles.items():
+            (dest / "profiles" / f"{name}.yaml").write_text(profile)
+        return dest
+    return make

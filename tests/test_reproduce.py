@@ -2,7 +2,6 @@
 finished, bad input refused up front, and on a two-node Ray cluster with an MLflow server."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import experiments_dir
 from harness.data.synth import synthesize
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
@@ -27,17 +25,13 @@ overrides:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_experiments):
     """A copy of experiments/ with a two-layer zoo row and a tiny profile, and a dataset."""
     root = tmp_path_factory.mktemp("reproduce")
-    exp = root / "experiments"
-    shutil.copytree(experiments_dir(), exp)
-    text = (exp / "zoo" / "seg_tiny_mask.yaml").read_text()
-    text = text.replace("d_model: 192", "d_model: 64").replace("n_layers: 12", "n_layers: 2").replace("n_heads: 3", "n_heads: 1")
-    (exp / "zoo" / "tiny_test.yaml").write_text(text)
-    (exp / "profiles" / "tiny.yaml").write_text(TINY_PROFILE.replace("ITERS", "12").replace("CKPT", "4").replace("LOG", "2"))
-    # long enough after its first checkpoint that a kill lands mid-training
-    (exp / "profiles" / "tiny_long.yaml").write_text(TINY_PROFILE.replace("ITERS", "120").replace("CKPT", "30").replace("LOG", "10"))
+    exp = tiny_experiments(root / "experiments", {
+        "tiny": TINY_PROFILE.replace("ITERS", "12").replace("CKPT", "4").replace("LOG", "2"),
+        # long enough after its first checkpoint that a kill lands mid-training
+        "tiny_long": TINY_PROFILE.replace("ITERS", "120").replace("CKPT", "30").replace("LOG", "10")})
     synthesize(root / "data", train=8, val=2, size=(64, 80), classes=4, seed=0)
     environ = {**os.environ, "SEGREPRO_EXPERIMENTS": str(exp), "RAY_AUTH_MODE": "disabled"}
     return {"root": root, "data": root / "data", "env": environ}

@@ -7,6 +7,9 @@ layout with fewer classes; its labels are still ADE20K indices, so nothing here 
 
 Root convention (every ``root`` argument of ``harness.data``): either the directory that
 contains ``ADEChallengeData2016`` or that directory itself; see :func:`dataset_dir`.
+
+A file that cannot be used raises ``DataError``, an ``InputError`` (harness.config, which
+imports nothing of the project) so every command reports it as bad input naming the file.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+
+from harness.config import InputError
 
 DATASET_DIRNAME = "ADEChallengeData2016"
 SPLITS = ("training", "validation")
@@ -124,13 +129,28 @@ def colorize(label_map: np.ndarray | torch.Tensor) -> Image.Image:
     return Image.fromarray(_COLOR_LUT[idx.astype(np.intp)], mode="RGB")
 
 
+class DataError(InputError):
+    """A dataset file that cannot be used; the message starts with its path.
+
+    Raised in a DataLoader worker it reaches the training process rebuilt from the worker's
+    traceback text (torch re-raises ``type(e)(traceback)``); the original message is that
+    traceback's last line, so it is recovered here and the file is still named once.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith(f"Caught {type(self).__name__} "):
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 def load_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3; grey or CMYK JPEGs are converted (MMSeg loads with color_type='color')."""
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot decode image: {e}") from e
+        raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
 def load_label(path: Path) -> np.ndarray:
@@ -138,12 +158,12 @@ def load_label(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P"):
-                raise ValueError(f"expected a single-channel uint8 PNG (mode L), got mode {im.mode}")
+                raise DataError(f"{path}: expected a single-channel uint8 PNG (mode L), got mode {im.mode}")
             return np.asarray(im)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot decode label: {e}") from e
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot decode label: {e}") from e
 
 
 def list_pairs(root: str | Path, split: str) -> list[tuple[str, Path, Path]]:
@@ -244,7 +264,7 @@ class ADE20K(torch.utils.data.Dataset):
         image = load_image(img_path)
         label = load_label(lab_path)
         if image.shape[:2] != label.shape:
-            raise ValueError(f"{lab_path}: label size {label.shape[::-1]} (WxH) differs from "
+            raise DataError(f"{lab_path}: label size {label.shape[::-1]} (WxH) differs from "
                              f"image size {image.shape[1::-1]} of {img_path}")
         label = reduce_label(label)
         if self.transform is not None:

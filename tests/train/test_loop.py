@@ -8,7 +8,6 @@ from harness.models import build_model, load_checkpoint
 from harness.train import (MODEL_FILE, RNG_FILE, LocalSession, epoch_indices, seed_everything,
                            segmentation_loss, train_loop)
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*training from scratch")
 
 
 def _run(cfg, data_root, run_dir, stop_after=None):

@@ -11,7 +11,6 @@ from harness.config import InputError
 from harness.models import load_checkpoint
 from harness.train import KILL_ENV, RNG_FILE, TRACE_ENV, train
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*training from scratch")
 
 
 @pytest.fixture(scope="module")
