@@ -422,10 +422,11 @@ def format_report(r: dict) -> str:
 
     lines = [tabulate([[c["name"], c["status"].upper(), c["detail"]] for c in r["checks"]],
                       headers=["check", "result", "detail"], disable_numparse=True), ""]
-    rows = []
+    rows, errors = [], []
     for c in r["configs"]:
-        if "error" in c:
-            rows.append([c["config"], c["error"]] + [""] * 7)
+        if "error" in c:  # below the table, which a long message would stretch
+            rows.append([c["config"], "not measured"] + [""] * 7)
+            errors.append(f"{c['config']}: {c['error']}")
             continue
         m, p = c["measured"], c["projection"]
         rows.append([c["config"], f"{m['per_worker_batch']} x {m['crop']}² {m['precision']} {m['device']}",
@@ -435,6 +436,7 @@ def format_report(r: dict) -> str:
     lines.append(tabulate(rows, headers=["config", "batch/worker x crop", "loader s/it", "step s/it", "peak MB",
                                          "ss s/img", "ms+flip s/img", "full schedule", "GPU-h"],
                           disable_numparse=True))
+    lines += errors
     measured = [c for c in r["configs"] if "measured" in c]
     if measured:
         m = measured[0]["measured"]

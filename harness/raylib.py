@@ -36,6 +36,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             _check_reachable(address)
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+            # "local": a new instance even where `ray start` left a cluster on this machine, which
+            # a bare ray.init() would join (and share with whoever started it)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise InputError(f"Ray address {address!r}: cannot connect ({e})") from None
