@@ -201,15 +201,15 @@ class Config:
     def std(self) -> tuple[float, float, float]:
         return NORMALIZATION[self.model.normalization]["std"]
 
-    @property
-    def eval_normalization(self) -> str:
-        """The statistics the protocol normalises test images with (see EvalConfig.normalization)."""
-        rule = self.eval.normalization
-        if rule is None:
-            return self.model.normalization
-        if rule == "backbone":
-            return "deit" if self.model.backbone.startswith("deit") else "vit"
-        return rule
+
+def normalization_name(rule: str | None, model: ModelConfig) -> str:
+    """EvalConfig.normalization resolved for a checkpoint's model: null = its training
+    normalisation, "backbone" = its encoder family's statistics (ViT 127.5, DeiT ImageNet)."""
+    if rule is None:
+        return model.normalization
+    if rule == "backbone":
+        return "deit" if model.backbone.startswith("deit") else "vit"
+    return rule
 
 
 def _plain(obj: Any) -> Any:

@@ -5,7 +5,9 @@ child run per configuration tagged ``segrepro.kind=config`` with ``segrepro.conf
 ``segrepro.recipe``, ``segrepro.profile``, ``segrepro.status`` and ``segrepro.error``; the
 flattened resolved config as params; final figures as metrics (``ss/mIoU``, ``bench/...``)
 and the training curves as metric histories (step = iteration). Kernel profiles are runs
-tagged ``segrepro.kind=kernels_profile`` with a ``kernels_profile.csv`` artifact.
+tagged ``segrepro.kind=kernels_profile`` with a ``kernels_profile.csv`` artifact. ``segrepro
+eval`` runs are tagged ``segrepro.kind=eval`` with ``segrepro.checkpoint``, ``segrepro.source``
+(who produced the weights), ``segrepro.protocol`` and ``segrepro.mode``, and log ``MODE/mIoU``.
 
 Reproduced metrics that have a documented counterpart take the documented name in the long
 table (``ss/mIoU`` -> ``miou_ss``) so one pivot sets them side by side; every other metric
@@ -32,6 +34,8 @@ COUNTERPART = {"ss/mIoU": "miou_ss", "msflip/mIoU": "miou_msflip",
 CURVE_METRICS = ("train/loss", "train/lr", "val/mIoU")
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
                "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol"]
+EVAL_COLUMNS = ["run_id", "start_time", "config", "checkpoint", "source", "protocol", "mode", "mIoU",
+                "protocol_text"]
 KERNELS_ARTIFACT = "kernels_profile.csv"
 KERNEL_COLUMNS = ["kernel", "impl", "direction", "B", "H", "N", "D", "C", "dtype", "stat",
                   "ms", "tflops", "gbps", "frac_peak"]
@@ -49,6 +53,7 @@ class Collected:
     kernels: pd.DataFrame   # the newest kernels profile CSV, plus its run_id
     tracking_uri: str
     notes: list[str] = field(default_factory=list)
+    evals: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EVAL_COLUMNS))  # eval runs
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -158,6 +163,25 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out) if out else pd.DataFrame(columns=RUN_COLUMNS)
 
 
+def _eval_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished ``segrepro eval`` run (EVAL_COLUMNS), oldest first."""
+    if "tags.segrepro.kind" not in df:
+        return pd.DataFrame(columns=EVAL_COLUMNS)
+    df = df[(df["tags.segrepro.kind"] == "eval") & (df["mlflow_status"] == "FINISHED")]
+    out = []
+    for _, row in df.sort_values("start_time", kind="stable").iterrows():
+        mode = _get(row, "tags.segrepro.mode", "ss")
+        value = row.get(f"metrics.{mode}/mIoU")
+        text = ", ".join(f"{k} {_get(row, f'params.protocol.{k}')}" for k in
+                         ("window", "stride", "test_scale", "resize", "label_resolution", "bookkeeping"))
+        out.append({"run_id": row["run_id"], "start_time": row["start_time"], "config": _get(row, "tags.segrepro.config"),
+                    "checkpoint": _get(row, "tags.segrepro.checkpoint"), "source": _get(row, "tags.segrepro.source"),
+                    "protocol": _get(row, "tags.segrepro.protocol"), "mode": mode,
+                    "mIoU": float(value) if value is not None and pd.notna(value) else float("nan"),
+                    "protocol_text": text + f", normalisation {_get(row, 'params.protocol.normalization_used')}"})
+    return pd.DataFrame(out, columns=EVAL_COLUMNS)
+
+
 def _long_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = [{**d, "profile": "", "run_id": "", "status": ""} for d in load_documented()]
     for d in rows:
@@ -249,4 +273,5 @@ def collect(tracking_uri: str, experiment_name: str = EXPERIMENT) -> Collected:
         notes.append(f"no experiment {experiment_name!r} in {tracking_uri}: documented figures only")
     runs = _config_runs(df)
     return Collected(long=_long_table(runs), runs=runs, curves=_curves(client, runs),
-                     kernels=_kernels(df, tracking_uri, notes), tracking_uri=tracking_uri, notes=notes)
+                     kernels=_kernels(df, tracking_uri, notes), tracking_uri=tracking_uri, notes=notes,
+                     evals=_eval_runs(df))
