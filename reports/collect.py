@@ -109,16 +109,26 @@ def _get(row: pd.Series, key: str, default: str = "") -> str:
 
 
 def eval_protocol(row: pd.Series, multi_scale: bool) -> str:
-    """The protocol of a reproduced mIoU, from the run's own params."""
+    """The protocol of a reproduced mIoU, from the run's own params (runs logged before the
+    protocol rules existed lack the rule params; they are left out)."""
     window, stride = _get(row, "params.eval.window", "?"), _get(row, "params.eval.stride", "?")
-    text = f"window {window}, stride {stride}"
+    name = _get(row, "params.eval.protocol")
+    text = (f"{name} protocol: " if name else "") + f"window {window}, stride {stride}"
+    # a null normalisation rule (logged as "None") is the training normalisation
+    shown = {"None": "as trained"}
+    rules = [f"{label} {shown.get(_get(row, f'params.eval.{key}'), _get(row, f'params.eval.{key}'))}"
+             for key, label in (("resize", "resize"), ("label_resolution", "labels"),
+                                ("normalization", "normalisation"), ("bookkeeping", "bookkeeping"))
+             if _get(row, f"params.eval.{key}")]
     if not multi_scale:
-        return text + ", single scale"
+        return ", ".join([text + ", single scale"] + rules)
     text += f", scales {_get(row, 'params.eval.scales', '?')}"
+    ratio_base = _get(row, "params.eval.ratio_base")
+    text += f" of {ratio_base}" if ratio_base else ""
     if _get(row, "params.eval.flip") in ("True", "true", ""):
         text += " + flip"
     small = _get(row, "params.eval.small_views")
-    return text + (f", small views {small}" if small else "")
+    return ", ".join([text + (f", small views {small}" if small else "")] + rules)
 
 
 def bench_protocol(row: pd.Series) -> str:
