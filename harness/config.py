@@ -441,6 +441,22 @@ def apply_protocol(cfg: Config, name: str) -> Config:
     return config_from_dict(data, path)
 
 
+def released_rows(path: str | os.PathLike | None = None) -> dict[str, ModelConfig]:
+    """Architectures of the documented rows that have no zoo YAML (experiments/released.yaml):
+    row name -> the model of zoo row ``like`` with ``model`` overrides."""
+    path = Path(path) if path else experiments_dir() / "released.yaml"
+    rows = read_yaml(path).get("rows")
+    if not isinstance(rows, dict):
+        raise ConfigError(path, "rows", "expected a mapping of row name -> {like, model}")
+    out = {}
+    for name, row in rows.items():
+        if not isinstance(row, dict) or set(row) - {"like", "model"} or "like" not in row:
+            raise ConfigError(path, f"rows.{name}", f"expected a mapping with 'like' (a zoo row) and 'model', got {row!r}")
+        base = load_config(row["like"]).to_dict()
+        out[name] = config_from_dict(deep_merge(base, {"model": row.get("model") or {}}), path).model
+    return out
+
+
 def load_documented(path: str | os.PathLike | None = None) -> list[dict]:
     """The documented figures of every source (experiments/documented.yaml), validated."""
     path = Path(path) if path else experiments_dir() / "documented.yaml"

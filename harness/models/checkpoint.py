@@ -13,7 +13,7 @@ import yaml
 from timm.layers import resample_abs_pos_embed
 
 from harness.config import (Config, ConfigError, InputError, config_from_dict, deep_merge, load_config,
-                            recipe_overrides, zoo_names)
+                            recipe_overrides, released_rows, zoo_names)
 from harness.models.segmenter import Segmenter, build_model
 
 SEGREPRO_FORMAT = "segrepro-checkpoint"
@@ -134,12 +134,13 @@ _ARCH = ("patch_size", "d_model", "n_layers", "n_heads", "distilled", "image_siz
 
 
 def _zoo_row(model: dict) -> tuple[str, str] | None:
-    """(zoo configuration, its backbone) with the architecture of a source's checkpoint, if any."""
-    for name in zoo_names():
-        zoo = load_config(name).model
-        if all(getattr(zoo, k) == model.get(k, False if k == "distilled" else None) for k in _ARCH) \
-                and zoo.decoder.name == model["decoder"]["name"]:
-            return name, zoo.backbone
+    """(documented row, its backbone) with the architecture of a source's checkpoint, if any: a
+    zoo configuration, or a row only a source released (experiments/released.yaml)."""
+    rows = {name: load_config(name).model for name in zoo_names()} | released_rows()
+    for name, row in rows.items():
+        if all(getattr(row, k) == model.get(k, False if k == "distilled" else None) for k in _ARCH) \
+                and row.decoder.name == model["decoder"]["name"]:
+            return name, row.backbone
     return None
 
 

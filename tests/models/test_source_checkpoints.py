@@ -157,3 +157,18 @@ def test_logits_resize_options_differ_only_on_padded_inputs():
         assert torch.allclose(direct(X), cropped(X), atol=1e-6)
         padded = torch.randn(1, 3, 45, 70)
         assert (direct(padded) - cropped(padded)).abs().max() > 1e-2
+
+
+def test_released_checkpoints_are_named_after_their_documented_row():
+    from harness.config import load_documented, released_rows, zoo_names
+    from harness.models.checkpoint import _zoo_row
+
+    rows = released_rows()
+    documented = {d["config"] for d in load_documented()}
+    assert set(rows) <= documented and not set(rows) & set(zoo_names())
+    small = rows["seg_small_linear"]
+    arch = {"patch_size": 16, "d_model": small.d_model, "n_layers": 12, "n_heads": small.n_heads, "image_size": 512,
+            "n_cls": 150}
+    assert _zoo_row({**arch, "decoder": {"name": "linear"}}) == ("seg_small_linear", "vit_small_patch16_384")
+    assert _zoo_row({**arch, "decoder": {"name": "mask_transformer"}})[0] == "seg_small_mask"
+    assert _zoo_row({**arch, "d_model": 64, "n_heads": 1, "decoder": {"name": "linear"}}) is None
