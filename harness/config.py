@@ -202,6 +202,24 @@ class Config:
         return NORMALIZATION[self.model.normalization]["std"]
 
 
+def square_size(value: Any, file: Any, field: str) -> int:
+    """An int or a (h, w) pair of a source's config as one side; a ConfigError if not square."""
+    h, w = (value, value) if isinstance(value, int) else tuple(value)
+    if h != w:
+        raise ConfigError(file, field, f"expected a square size, got {value!r}")
+    return int(h)
+
+
+def normalization_named(mean: Any, std: Any, file: Any, field: str) -> str:
+    """The NORMALIZATION name of a source's mean/std (0..255 scale); a ConfigError for others."""
+    for name, stats in NORMALIZATION.items():
+        if (mean is not None and std is not None and len(mean) == 3 and len(std) == 3
+                and all(abs(a - b) < 1e-3 for a, b in zip(list(mean) + list(std), stats["mean"] + stats["std"]))):
+            return name
+    raise ConfigError(file, field, f"mean {mean} / std {std}: expected the statistics of one of "
+                                   f"{', '.join(NORMALIZATION)} ({NORMALIZATION})")
+
+
 def normalization_name(rule: str | None, model: ModelConfig) -> str:
     """EvalConfig.normalization resolved for a checkpoint's model: null = its training
     normalisation, "backbone" = its encoder family's statistics (ViT 127.5, DeiT ImageNet)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-from harness.config import NORMALIZATION, ConfigError, InputError
+from harness.config import ConfigError, InputError, normalization_named, square_size
 
 # MMSeg key pattern -> reference key template (shared/fixtures/mmseg/README.md's table)
 _BLOCK = {"ln1": "norm1", "ln2": "norm2", "attn.attn.in_proj_weight": "attn.qkv.weight",
@@ -100,22 +100,6 @@ def _eps(norm_cfg: dict | None) -> float:
     return float((norm_cfg or {}).get("eps", 1e-5))
 
 
-def _square(value: Any, file: Any, field: str) -> int:
-    h, w = (value, value) if isinstance(value, int) else tuple(value)
-    if h != w:
-        raise ConfigError(file, field, f"expected a square size, got {value!r}")
-    return int(h)
-
-
-def _normalization(mean: Any, std: Any, file: Any, field: str) -> str:
-    for name, stats in NORMALIZATION.items():
-        if (mean is not None and std is not None and len(mean) == 3 and len(std) == 3
-                and all(abs(a - b) < 1e-3 for a, b in zip(list(mean) + list(std), stats["mean"] + stats["std"]))):
-            return name
-    raise ConfigError(file, field, f"mean {mean} / std {std}: expected the statistics of one of "
-                                         f"{', '.join(NORMALIZATION)} ({NORMALIZATION})")
-
-
 def _pipeline_steps(cfg: dict) -> list[dict]:
     steps = []
 
@@ -185,7 +169,7 @@ def config_fields(cfg: dict, file: Any) -> dict:
         "patch_size": int(bb.get("patch_size", 16)), "d_model": d,
         "n_layers": int(_get(bb, "num_layers", file, "model.backbone")),
         "n_heads": int(_get(bb, "num_heads", file, "model.backbone")), "mlp_ratio": mlp_ratio,
-        "image_size": _square(_get(bb, "img_size", file, "model.backbone"), file, "model.backbone.img_size"),
+        "image_size": square_size(_get(bb, "img_size", file, "model.backbone"), file, "model.backbone.img_size"),
         "n_cls": int(_get(head, "num_classes", file, "model.decode_head")),
         "drop_path_rate": float(bb.get("drop_path_rate", 0.0)), "dropout": float(bb.get("drop_rate", 0.0)),
         # encoder norm_cfg covers blocks and the final ln1 (1e-6 in the Segmenter configs)
@@ -212,12 +196,12 @@ def config_fields(cfg: dict, file: Any) -> dict:
         raise ConfigError(file, "model.decode_head.type",
                                 f"expected SegmenterMaskTransformerHead or FCNHead, got {kind!r}")
     pre = model.get("data_preprocessor") or cfg.get("data_preprocessor") or cfg.get("img_norm_cfg") or {}
-    m["normalization"] = _normalization(pre.get("mean"), pre.get("std"), file, "model.data_preprocessor")
+    m["normalization"] = normalization_named(pre.get("mean"), pre.get("std"), file, "model.data_preprocessor")
     test = model.get("test_cfg") or {}
     if test.get("mode") != "slide":
         raise ConfigError(file, "model.test_cfg.mode", f"expected 'slide' (the Segmenter configs), got {test.get('mode')!r}")
-    window = _square(_get(test, "crop_size", file, "model.test_cfg"), file, "model.test_cfg.crop_size")
-    stride = _square(_get(test, "stride", file, "model.test_cfg"), file, "model.test_cfg.stride")
+    window = square_size(_get(test, "crop_size", file, "model.test_cfg"), file, "model.test_cfg.crop_size")
+    stride = square_size(_get(test, "stride", file, "model.test_cfg"), file, "model.test_cfg.stride")
     ev = {"protocol": "mmseg", "window": window, "stride": stride, "small_views": "low_res", **_ms_rules(cfg)}
     train_cfg = cfg.get("train_cfg") or {}
     optim = {"iterations": int(train_cfg.get("max_iters", 160000))}

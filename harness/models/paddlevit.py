@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.config import NORMALIZATION, ConfigError, InputError, read_yaml
+from harness.config import NORMALIZATION, ConfigError, InputError, normalization_named, read_yaml, square_size
 
 _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
             ("numpy", "ndarray"), ("numpy", "dtype")}
@@ -113,13 +113,6 @@ def _section(cfg: dict, name: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _square(value: Any, file: Path, field: str) -> int:
-    h, w = (value, value) if isinstance(value, int) else tuple(value)
-    if h != w:
-        raise ConfigError(file, field, f"expected a square size, got {value!r}")
-    return int(h)
-
-
 def _required(d: dict, key: str, file: Path, field: str) -> Any:
     if d.get(key) is None:
         raise ConfigError(file, field, "missing")
@@ -128,12 +121,8 @@ def _required(d: dict, key: str, file: Path, field: str) -> Any:
 
 def _val_normalization(val: dict, file: Path) -> str:
     # VAL.MEAN/STD default to ImageNet in PaddleViT's config.py (the DeiT yamls set none)
-    mean = tuple(val.get("MEAN") or NORMALIZATION["deit"]["mean"])
-    std = tuple(val.get("STD") or NORMALIZATION["deit"]["std"])
-    for name, stats in NORMALIZATION.items():
-        if np.allclose(mean + std, stats["mean"] + stats["std"], atol=1e-3):
-            return name
-    raise ConfigError(file, "VAL.MEAN", f"mean {mean} / std {std}: expected one of {NORMALIZATION}")
+    return normalization_named(val.get("MEAN") or NORMALIZATION["deit"]["mean"],
+                               val.get("STD") or NORMALIZATION["deit"]["std"], file, "VAL.MEAN")
 
 
 def config_fields(state: dict, cfg: dict, file: Path) -> dict:
@@ -149,7 +138,7 @@ def config_fields(state: dict, cfg: dict, file: Path) -> dict:
     d = int(state[pos_key].shape[-1])
     layers = {int(m.group(1)) for k in state for m in [re.match(r"encoder\.(?:transformer\.encoder\.)?layers\.(\d+)\.", k)] if m}
     fc1 = next(v for k, v in state.items() if k.startswith("encoder") and k.endswith("mlp.fc1.weight"))
-    crop = _square(_required(data, "CROP_SIZE", file, "DATA.CROP_SIZE"), file, "DATA.CROP_SIZE")
+    crop = square_size(_required(data, "CROP_SIZE", file, "DATA.CROP_SIZE"), file, "DATA.CROP_SIZE")
     heads = int(_required(trans, "NUM_HEADS", file, "MODEL.TRANS.NUM_HEADS"))
     if "decoder.mask_tokens" in state:
         dec_layers = {int(m.group(1)) for k in state for m in [re.match(r"decoder\.layers\.(\d+)\.", k)] if m}
@@ -176,8 +165,8 @@ def config_fields(state: dict, cfg: dict, file: Path) -> dict:
         # the position embedding is added at its stored size: inputs must be DATA.CROP_SIZE
         "pos_embed_resize": "never", "logits_resize": "pad_crop", "decoder": decoder,
     }
-    window = _square(_required(val, "CROP_SIZE", file, "VAL.CROP_SIZE"), file, "VAL.CROP_SIZE")
-    stride = _square(_required(val, "STRIDE_SIZE", file, "VAL.STRIDE_SIZE"), file, "VAL.STRIDE_SIZE")
+    window = square_size(_required(val, "CROP_SIZE", file, "VAL.CROP_SIZE"), file, "VAL.CROP_SIZE")
+    stride = square_size(_required(val, "STRIDE_SIZE", file, "VAL.STRIDE_SIZE"), file, "VAL.STRIDE_SIZE")
     ev = {"protocol": "paddlevit", "window": window, "stride": stride,
           "normalization": _val_normalization(val, file)}
     train = _section(cfg, "TRAIN")
