@@ -73,6 +73,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from harness.config import NORMALIZATION, normalization_name
     from harness.data.ade20k import colorize
     from harness.inference import make_views, slide_inference
     from harness.models import load_checkpoint
@@ -80,9 +81,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     image = _read_image(Path(args.image))
     overrides = {"attention": args.attention, "mask_step": args.attention} if args.attention else {}
     model, cfg = load_checkpoint(args.checkpoint, **overrides)
-    scales, flip = (cfg.eval.scales, cfg.eval.flip) if args.ms_flip else ((1.0,), False)
-    views, flipped = make_views(torch.from_numpy(image).permute(2, 0, 1), cfg.data.test_scale, cfg.mean, cfg.std,
-                                scales, flip)
+    e = cfg.eval
+    scales, flip = (e.scales, e.flip) if args.ms_flip else ((1.0,), False)
+    # the checkpoint source's own protocol: its evaluation normalisation and test resize
+    stats = NORMALIZATION[normalization_name(e.normalization, cfg.model)]
+    views, flipped = make_views(torch.from_numpy(image).permute(2, 0, 1), cfg.data.test_scale, stats["mean"],
+                                stats["std"], scales, flip, e.resize, e.ratio_base if args.ms_flip else "test_scale")
     probs = slide_inference(model, views, flipped, image.shape[:2], cfg.eval.window, cfg.eval.stride,
                             cfg.eval.batch_size, cfg.eval.small_views)
     out = Path(args.out)
@@ -101,29 +105,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from harness.config import load_config
-    from harness.evaluate import Protocol, run_eval
+    import dataclasses
 
-    cfg = load_config(args.config, recipe=args.recipe, overrides=_attention_overrides(args))
+    from harness.config import apply_protocol, load_config
+    from harness.evaluate import Protocol, run_eval
+    from harness.models import load_checkpoint
+
     if not Path(args.data_root).exists():
         raise InputError(f"--data-root {args.data_root}: no such directory")
+    # the checkpoint's own config names its source and carries that source's protocol
+    _, ckpt_cfg = load_checkpoint(args.checkpoint, args.source_config)
+    if args.config:
+        cfg = load_config(args.config, recipe=args.recipe, overrides=_attention_overrides(args))
+        cfg = dataclasses.replace(cfg, source=ckpt_cfg.source)
+    else:
+        if args.recipe:
+            raise InputError("--recipe needs CONFIG; without one the checkpoint's own config is used (see --protocol)")
+        cfg = ckpt_cfg
+        if args.attention:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=args.attention,
+                                                                      mask_step=args.attention))
+    if args.protocol:
+        cfg = apply_protocol(cfg, args.protocol)
     protocol = Protocol.of(cfg, args.ms_flip)
     if not args.json:
-        print(f"{cfg.name} ({cfg.recipe} recipe) {protocol.describe()}", file=sys.stderr)
-    out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.recipe}"
+        print(f"{cfg.name} ({cfg.source} checkpoint) {protocol.describe()}", file=sys.stderr)
+    out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.eval.protocol}"
+    tracker = None
+    if args.run_dir or args.tracking_uri:
+        from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
+
+        uri = args.tracking_uri or default_tracking_uri(args.run_dir)
+        check_tracking_uri(uri)
+        tracker = Tracker(uri, args.run_dir or ".")
     try:
         record = run_eval(args.checkpoint, cfg, args.data_root, args.ms_flip, args.limit, args.workers, out,
-                          progress=not args.json)
+                          progress=not args.json, source_config=args.source_config)
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(str(e)) from None
+    if tracker is not None:
+        record["run_id"] = tracker.log_eval(cfg, record)
     if args.json:
         print(json.dumps({k: v for k, v in record.items() if k != "per_class"}, indent=2))
     else:
         print(f"{cfg.name}: mIoU {record['mIoU']:.2f}, mAcc {record['mAcc']:.2f}, aAcc {record['aAcc']:.2f} "
               f"over {record['images']} images ({record['images_per_s']:.2f} img/s)\n  {protocol.describe()}\n"
-              f"  results in {out}")
+              f"  results in {out}" + (f", MLflow run {record['run_id']}" if tracker else ""))
     return 0
 
 
@@ -281,12 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation (default: the config's)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("eval", help="mIoU of a checkpoint on the validation split (ss or ms+flip)")
-    p.add_argument("config", help="zoo configuration name or YAML path (gives the evaluation protocol)")
-    p.add_argument("--checkpoint", required=True, help="reference run directory, checkpoint.pth, or a segrepro checkpoint")
+    p = sub.add_parser("eval", help="mIoU of a checkpoint on the validation split (ss or ms+flip), under any "
+                                    "source's protocol")
+    p.add_argument("config", nargs="?", help="zoo configuration name or YAML path whose evaluation protocol to use "
+                                             "(default: the checkpoint's own config and its source's protocol)")
+    p.add_argument("--checkpoint", required=True, help="reference run directory or checkpoint.pth, a segrepro "
+                   "checkpoint, an MMSeg .pth (dumped .py config beside it) or a PaddleViT .pdparams (yaml beside it)")
+    p.add_argument("--source-config", help="the MMSeg .py config or PaddleViT yaml of the checkpoint, when not beside it")
+    p.add_argument("--protocol", help="evaluate under this source's protocol: a recipe name (reference, mmseg, "
+                                      "paddlevit); default: the checkpoint source's own")
     p.add_argument("--data-root", required=True, help="directory holding ADEChallengeData2016 (or that directory)")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip (the config's scales)")
-    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit)")
+    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit), with CONFIG")
+    p.add_argument("--run-dir", help="also log the result to the MLflow store RUN_DIR/mlflow.db (segrepro report reads it)")
+    p.add_argument("--tracking-uri", help="also log the result to this MLflow store")
     p.add_argument("--limit", type=int, help="only the first N validation images")
     p.add_argument("--workers", type=int, default=1, help="shard the split over N Ray workers")
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")

@@ -56,6 +56,13 @@ class DecoderConfig:
     n_layers: int = 2
     dropout: float = 0.1
     drop_path_rate: float = 0.0
+    # heads of the mask decoder; null = d_model / 64, the reference's rule
+    n_heads: Optional[int] = None
+    # LayerNorm eps of the decoder blocks, and of decoder_norm and mask_norm; null = the
+    # encoder's ln_eps (the reference: 1e-5 everywhere; MMSeg's head: 1e-5 with a 1e-6
+    # encoder; PaddleViT: blocks 1e-6, decoder_norm and mask_norm 1e-5)
+    ln_eps: Optional[float] = None
+    norm_eps: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,17 @@ class ModelConfig:
     n_cls: int = 150
     drop_path_rate: float = 0.1
     dropout: float = 0.0
-    ln_eps: float = 1e-5
-    normalization: Literal["vit", "deit"] = "vit"
+    ln_eps: float = 1e-5  # encoder blocks (the default of every other LayerNorm)
+    final_norm_eps: Optional[float] = None  # the encoder's final norm; null = ln_eps
+    normalization: Literal["vit", "deit"] = "vit"  # training normalisation
+    # position grid resized to the input's grid: bilinear (reference) or bicubic (MMSeg), when
+    # the token count differs from the stored grid's (both), or never (PaddleViT: the input
+    # must be the training crop)
+    pos_embed_interp: Literal["bilinear", "bicubic"] = "bilinear"
+    pos_embed_resize: Literal["token_count", "never"] = "token_count"
+    # patch-grid logits to pixels: upsampled to the padded size then cropped (reference,
+    # PaddleViT) or resized straight to the unpadded input size (MMSeg)
+    logits_resize: Literal["pad_crop", "direct"] = "pad_crop"
     attention: Literal["torch", "triton"] = "torch"
     mask_step: Literal["torch", "triton"] = "torch"
     # timm pretrained tag ("ARCH.TAG") of the ImageNet checkpoint the source started from;
@@ -123,6 +139,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """The evaluation protocol: every field is logged with each result (``harness.evaluate.Protocol``)."""
+
+    protocol: str = "reference"  # the protocol's name: the recipe (source) whose rules these are
     window: int = 512
     stride: int = 480
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -132,6 +151,22 @@ class EvalConfig:
     # stride of the evaluation during training: "window" (the reference's config.yml and
     # PaddleViT evaluate with stride = window) or "test" (MMSeg validates with its test stride)
     train_stride: Literal["window", "test"] = "window"
+    # test resize to data.test_scale: "fit" = mmcv imrescale into (4 s, s), rounded, on the uint8
+    # image (reference, MMSeg); "short_side" = short side s, long side truncated, no cap, on the
+    # float image (PaddleViT's Resize)
+    resize: Literal["fit", "short_side"] = "fit"
+    # multi-scale ratio r scales test_scale (reference, MMSeg 0.x: fit (2048 r, 512 r)) or the
+    # original image (MMSeg 1.x tta_pipeline: Resize(scale_factor=r))
+    ratio_base: Literal["test_scale", "original"] = "test_scale"
+    # where predictions are scored: the original label (reference, MMSeg) or the label resized
+    # (nearest) to the single-scale view (PaddleViT)
+    label_resolution: Literal["original", "resized"] = "original"
+    # null = the training normalisation (model.normalization); "backbone" = the encoder family's
+    # statistics, ViT 127.5/127.5 and DeiT ImageNet (PaddleViT's VAL.MEAN/STD per yaml)
+    normalization: Optional[Literal["vit", "deit", "backbone"]] = None
+    # mIoU bookkeeping (harness.metrics.BOOKKEEPING): "mmseg" leaves classes with union 0 out of
+    # the mean (reference, MMSeg); "paddlevit" counts them as IoU 0
+    bookkeeping: Literal["mmseg", "paddlevit"] = "mmseg"
     batch_size: int = 4
 
 
@@ -156,6 +191,9 @@ class Config:
     description: str = ""
     recipe: str = "reference"
     profile: str = "full"
+    # who produced the weights: segrepro's training, or a source's checkpoint read by
+    # harness.models.load_checkpoint (reference run directory, MMSeg .pth, PaddleViT .pdparams)
+    source: Literal["segrepro", "reference", "mmseg", "paddlevit"] = "segrepro"
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -172,6 +210,34 @@ class Config:
     @property
     def std(self) -> tuple[float, float, float]:
         return NORMALIZATION[self.model.normalization]["std"]
+
+
+def square_size(value: Any, file: Any, field: str) -> int:
+    """An int or a (h, w) pair of a source's config as one side; a ConfigError if not square."""
+    h, w = (value, value) if isinstance(value, int) else tuple(value)
+    if h != w:
+        raise ConfigError(file, field, f"expected a square size, got {value!r}")
+    return int(h)
+
+
+def normalization_named(mean: Any, std: Any, file: Any, field: str) -> str:
+    """The NORMALIZATION name of a source's mean/std (0..255 scale); a ConfigError for others."""
+    for name, stats in NORMALIZATION.items():
+        if (mean is not None and std is not None and len(mean) == 3 and len(std) == 3
+                and all(abs(a - b) < 1e-3 for a, b in zip(list(mean) + list(std), stats["mean"] + stats["std"]))):
+            return name
+    raise ConfigError(file, field, f"mean {mean} / std {std}: expected the statistics of one of "
+                                   f"{', '.join(NORMALIZATION)} ({NORMALIZATION})")
+
+
+def normalization_name(rule: str | None, model: ModelConfig) -> str:
+    """EvalConfig.normalization resolved for a checkpoint's model: null = its training
+    normalisation, "backbone" = its encoder family's statistics (ViT 127.5, DeiT ImageNet)."""
+    if rule is None:
+        return model.normalization
+    if rule == "backbone":
+        return "deit" if model.backbone.startswith("deit") else "vit"
+    return rule
 
 
 def _plain(obj: Any) -> Any:
@@ -310,6 +376,11 @@ def _named(kind: str, name: str) -> Path:
     return path
 
 
+def recipe_overrides(name: str) -> dict:
+    """The overrides of experiments/recipes/NAME.yaml, checked against the schema."""
+    return _overrides("recipes", name)[1]
+
+
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in (experiments_dir() / "recipes").glob("*.yaml"))
 
@@ -379,6 +450,44 @@ def load_config(name_or_path: str | os.PathLike, recipe: str | None = None,
         merged = deep_merge(merged, overrides)
     merged["recipe"], merged["profile"] = recipe, profile
     return config_from_dict(merged, path)
+
+
+# The EvalConfig fields that are rules of a protocol; window, stride and test scale are sizes of
+# the checkpoint (its training crop), and batch_size changes no figure.
+PROTOCOL_RULES = ("scales", "flip", "small_views", "resize", "ratio_base", "label_resolution",
+                  "normalization", "bookkeeping")
+
+
+def apply_protocol(cfg: Config, name: str) -> Config:
+    """``cfg`` evaluated under the named protocol: the rules of recipe ``name``'s ``eval`` section
+    (EvalConfig's defaults are the reference's), the checkpoint's window, and the stride that
+    keeps the protocol's window overlap (recipe window - stride: 32 for the reference and MMSeg,
+    512/480 and 640/608; 0 for PaddleViT, stride = window). The checkpoint's own protocol keeps
+    its own stride, as its files give it."""
+    if name == cfg.eval.protocol:
+        return cfg
+    path, over = _overrides("recipes", name)
+    rules = _build(EvalConfig, over.get("eval", {}), path, "overrides.eval")
+    data = cfg.to_dict()
+    data["eval"].update({f: _plain(getattr(rules, f)) for f in PROTOCOL_RULES}, protocol=name,
+                        stride=max(cfg.eval.window - (rules.window - rules.stride), 1))
+    return config_from_dict(data, path)
+
+
+def released_rows(path: str | os.PathLike | None = None) -> dict[str, ModelConfig]:
+    """Architectures of the documented rows that have no zoo YAML (experiments/released.yaml):
+    row name -> the model of zoo row ``like`` with ``model`` overrides."""
+    path = Path(path) if path else experiments_dir() / "released.yaml"
+    rows = read_yaml(path).get("rows")
+    if not isinstance(rows, dict):
+        raise ConfigError(path, "rows", "expected a mapping of row name -> {like, model}")
+    out = {}
+    for name, row in rows.items():
+        if not isinstance(row, dict) or set(row) - {"like", "model"} or "like" not in row:
+            raise ConfigError(path, f"rows.{name}", f"expected a mapping with 'like' (a zoo row) and 'model', got {row!r}")
+        base = load_config(row["like"]).to_dict()
+        out[name] = config_from_dict(deep_merge(base, {"model": row.get("model") or {}}), path).model
+    return out
 
 
 def load_documented(path: str | os.PathLike | None = None) -> list[dict]:

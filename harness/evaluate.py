@@ -10,24 +10,27 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
-from harness.config import Config
+from harness.config import NORMALIZATION, Config, normalization_name
 from harness.data.ade20k import ADE20K, CLASSES
-from harness.inference import make_views, slide_inference
+from harness.inference import make_views, slide_inference, view_size
 from harness.metrics import ConfusionMatrix
 
-Predictor = Callable[[dict], torch.Tensor]  # dataset item -> classes [H, W]
+# dataset item -> predicted classes [H, W] scored against the item's label, or (classes, the
+# label they are scored against) where the protocol scores at another resolution
+Predictor = Callable[[dict], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """What produced an mIoU: printed and saved beside every result."""
+    """What produced an mIoU: printed and saved beside every result (EvalConfig's fields)."""
 
     mode: str  # "ss" or "msflip"
     window: int
@@ -36,12 +39,21 @@ class Protocol:
     scales: tuple[float, ...]
     flip: bool
     small_views: str
+    name: str = "reference"
+    resize: str = "fit"
+    ratio_base: str = "test_scale"
+    label_resolution: str = "original"
+    normalization: str | None = None  # the rule; the statistics used are in the result record
+    bookkeeping: str = "mmseg"
 
     @classmethod
     def of(cls, cfg: Config, ms_flip: bool) -> "Protocol":
         e = cfg.eval
+        # the ratio base is a rule of the multi-scale views; a single scale is the test resize
         return cls("msflip" if ms_flip else "ss", e.window, e.stride, cfg.data.test_scale,
-                   tuple(e.scales) if ms_flip else (1.0,), e.flip if ms_flip else False, e.small_views)
+                   tuple(e.scales) if ms_flip else (1.0,), e.flip if ms_flip else False, e.small_views,
+                   e.protocol, e.resize, e.ratio_base if ms_flip else "test_scale", e.label_resolution,
+                   e.normalization, e.bookkeeping)
 
     @classmethod
     def during_training(cls, cfg: Config) -> "Protocol":
@@ -50,23 +62,36 @@ class Protocol:
         return dataclasses.replace(p, stride=p.window) if cfg.eval.train_stride == "window" else p
 
     def describe(self) -> str:
-        return (f"{self.mode}: window {self.window}, stride {self.stride}, test scale {self.test_scale}, "
-                f"scales {list(self.scales)}, flip {self.flip}, small views {self.small_views}")
+        return (f"{self.name} protocol, {self.mode}: window {self.window}, stride {self.stride}, "
+                f"test scale {self.test_scale} ({self.resize}), scales {list(self.scales)} of {self.ratio_base}, "
+                f"flip {self.flip}, small views {self.small_views}, labels {self.label_resolution}, "
+                f"normalisation {self.normalization or 'as trained'}, bookkeeping {self.bookkeeping}")
 
 
-def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol, device: torch.device | str = "cpu",
-                    mean=None, std=None) -> Predictor:
-    """Dataset item (uint8 image [H, W, 3]) -> predicted classes [H, W] at the original resolution."""
-    mean = cfg.mean if mean is None else mean
-    std = cfg.std if std is None else std
+def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol,
+                    device: torch.device | str = "cpu") -> Predictor:
+    """Dataset item (uint8 image [H, W, 3]) -> predicted classes at the original resolution, or
+    (classes, label) both at the single-scale view's size when the protocol scores there.
+    ``cfg`` describes the model (its normalisation and backbone resolve the protocol's rule)."""
+    stats = NORMALIZATION[normalization_name(protocol.normalization, cfg.model)]
+    mean, std = stats["mean"], stats["std"]
 
-    def predict(item: dict) -> torch.Tensor:
+    def predict(item: dict):
         image = item["image"]
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-        views, flipped = make_views(img, protocol.test_scale, mean, std, protocol.scales, protocol.flip)
-        probs = slide_inference(model, views, flipped, image.shape[:2], protocol.window, protocol.stride,
+        views, flipped = make_views(img, protocol.test_scale, mean, std, protocol.scales, protocol.flip,
+                                    protocol.resize, protocol.ratio_base)
+        out_size = image.shape[:2]
+        if protocol.label_resolution == "resized":
+            # PaddleViT resizes the label (nearest) with the image and scores at that size
+            out_size = view_size(*out_size, protocol.test_scale, 1.0, protocol.resize)
+        probs = slide_inference(model, views, flipped, out_size, protocol.window, protocol.stride,
                                 cfg.eval.batch_size, protocol.small_views)
-        return probs.argmax(0).cpu()
+        pred = probs.argmax(0).cpu()
+        if protocol.label_resolution != "resized":
+            return pred
+        label = torch.from_numpy(np.ascontiguousarray(item["label"]))[None]
+        return pred, TF.resize(label, list(out_size), interpolation=TF.InterpolationMode.NEAREST)[0]
 
     return predict
 
@@ -78,7 +103,9 @@ def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in tqdm(range(n), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
         item = dataset[i]
-        cm.update(predict(item), torch.from_numpy(item["label"]))
+        out = predict(item)
+        pred, label = out if isinstance(out, tuple) else (out, torch.from_numpy(item["label"]))
+        cm.update(pred, label)
     return cm
 
 
@@ -96,8 +123,11 @@ def all_reduce_confusion(cm: ConfusionMatrix) -> ConfusionMatrix:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: str | os.PathLike,
                         ms_flip: bool = False, limit: int | None = None, workers: int = 1,
-                        progress: bool = True, ray_address: str | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
-    """Evaluate a checkpoint on the validation split of ``data_root`` with ``cfg``'s protocol.
+                        progress: bool = True, ray_address: str | None = None,
+                        source_config: str | os.PathLike | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
+    """Evaluate a checkpoint (any format ``load_checkpoint`` reads; ``source_config`` for an
+    MMSeg or PaddleViT one whose config is elsewhere) on the validation split of ``data_root``
+    with ``cfg``'s protocol.
 
     ``workers > 1`` shards the split over Ray tasks (one GPU each where there are GPUs), each
     accumulating its own matrix; the matrices are merged once.
@@ -105,8 +135,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     protocol = Protocol.of(cfg, ms_flip)
     dataset = ADE20K(data_root, "validation")
     dataset = dataset if limit is None else dataset.head(limit)
+    source_config = None if source_config is None else str(source_config)
     if workers <= 1:
-        return _evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress), protocol, len(dataset)
+        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config), protocol,
+                len(dataset))
     import ray
 
     from harness.raylib import ensure_ray
@@ -114,7 +146,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     ensure_ray(ray_address)
     use_gpu = torch.cuda.is_available()
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_evaluate_shard)
-    refs = [task.remote(str(checkpoint), cfg, protocol, dataset.shard(r, workers), False) for r in range(workers)]
+    refs = [task.remote(str(checkpoint), cfg, protocol, dataset.shard(r, workers), False, source_config)
+            for r in range(workers)]
     total = ConfusionMatrix(cfg.model.n_cls)
     for cm in ray.get(refs):
         total.merge(cm)
@@ -122,21 +155,26 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
 
 
 def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20K,
-                    progress: bool) -> ConfusionMatrix:
+                    progress: bool, source_config: str | None = None) -> ConfusionMatrix:
     from harness.models import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, ckpt_cfg = load_checkpoint(checkpoint, attention=cfg.model.attention, mask_step=cfg.model.mask_step)
+    model, ckpt_cfg = load_checkpoint(checkpoint, source_config, attention=cfg.model.attention,
+                                      mask_step=cfg.model.mask_step)
     model.to(device)
-    # normalise as the weights were trained, evaluate with the requested protocol
-    predict = model_predictor(model, cfg, protocol, device, ckpt_cfg.mean, ckpt_cfg.std)
+    # the protocol's normalisation rule is resolved for the checkpoint's own model
+    predict = model_predictor(model, ckpt_cfg, protocol, device)
     return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode)
 
 
 def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: int, seconds: float) -> dict:
-    out = cm.compute()
+    """The figures with the checkpoint's source, the protocol (every rule) and the statistics
+    the images were normalised with (``cfg`` describes the evaluated checkpoint)."""
+    out = cm.compute(protocol.bookkeeping)
     return {
-        "config": cfg.name, "recipe": cfg.recipe, "protocol": protocol.__dict__ | {"scales": list(protocol.scales)},
+        "config": cfg.name, "recipe": cfg.recipe, "source": cfg.source,
+        "protocol": protocol.__dict__ | {"scales": list(protocol.scales)},
+        "normalization": normalization_name(protocol.normalization, cfg.model),
         "mIoU": out["mIoU"], "mAcc": out["mAcc"], "aAcc": out["aAcc"], "images": images,
         "seconds": seconds, "images_per_s": images / seconds if seconds else None,
         "per_class": [{"class": name, "IoU": iou, "Acc": acc}
@@ -167,11 +205,12 @@ def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
 
 
 def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | None, workers: int,
-             out_dir, progress: bool = True, ray_address: str | None = None) -> dict:
+             out_dir, progress: bool = True, ray_address: str | None = None, source_config=None) -> dict:
     start = time.perf_counter()
     cm, protocol, images = evaluate_checkpoint(checkpoint, cfg, data_root, ms_flip, limit, workers, progress,
-                                               ray_address)
+                                               ray_address, source_config)
     record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
+    record["checkpoint"] = str(Path(checkpoint).resolve())
     if out_dir is not None:
         write_result(out_dir, record)
     return record

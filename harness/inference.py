@@ -7,9 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
-from harness.data.transforms import normalize, rescale_size
+from harness.data.transforms import normalize, rescale_size, resize_test_image, short_side_size
 
 
 def upsample_to_window(im: torch.Tensor, window: int) -> torch.Tensor:
@@ -92,19 +91,35 @@ def slide_inference(model: nn.Module, views: Sequence[torch.Tensor], flipped: Se
     return probs / len(views)
 
 
+def view_size(h: int, w: int, test_scale: int, ratio: float = 1.0, resize: str = "fit",
+              ratio_base: str = "test_scale") -> tuple[int, int]:
+    """Size of the view at ``ratio`` of an HxW image.
+
+    ``ratio_base="test_scale"`` (reference, MMSeg 0.x ``MultiScaleFlipAug``): the test resize at
+    scale ``test_scale * ratio``: "fit" into (int(4 s r), int(s r)), i.e. (2048 r, 512 r), or
+    "short_side" to int(s r) (PaddleViT's Resize, long side truncated, no cap).
+    ``ratio_base="original"`` (MMSeg 1.x ``tta_pipeline``, Resize(scale_factor=r)): the original
+    image scaled by r, rounded half up (mmcv ``_scale_size``).
+    """
+    if ratio_base == "original":
+        return int(h * ratio + 0.5), int(w * ratio + 0.5)
+    if resize == "short_side":
+        return short_side_size(h, w, int(test_scale * ratio))
+    return rescale_size(h, w, (int(4 * test_scale * ratio), int(test_scale * ratio)))
+
+
 def make_views(image: torch.Tensor, test_scale: int, mean: Sequence[float], std: Sequence[float],
-               scales: Sequence[float] = (1.0,), flip: bool = False) -> tuple[list[torch.Tensor], list[bool]]:
-    """Normalised views [1, 3, h, w] of a uint8 image [3, H, W], as MMSegmentation's
-    ``MultiScaleFlipAug`` builds them for the reference: for each ratio r the uint8 image
-    resized to fit (int(4 * test_scale * r), int(test_scale * r)) ((2048, 512) at r = 1),
-    normalised, then mirrored too if ``flip``."""
+               scales: Sequence[float] = (1.0,), flip: bool = False, resize: str = "fit",
+               ratio_base: str = "test_scale") -> tuple[list[torch.Tensor], list[bool]]:
+    """Normalised views [1, 3, h, w] of a uint8 image [3, H, W]: for each ratio r the image
+    resized to ``view_size`` (by default as MMSegmentation's ``MultiScaleFlipAug`` builds them
+    for the reference: fit into (2048 r, 512 r) at test scale 512), normalised, then mirrored
+    too if ``flip``."""
     views, flipped = [], []
     h, w = image.shape[-2:]
     for r in scales:
-        size = rescale_size(h, w, (int(4 * test_scale * r), int(test_scale * r)))
-        resized = image if size == (h, w) else TF.resize(image, list(size), interpolation=TF.InterpolationMode.BILINEAR,
-                                                         antialias=False)
-        v = normalize(resized, mean, std)[None]
+        size = view_size(h, w, test_scale, r, resize, ratio_base)
+        v = normalize(resize_test_image(image, size, resize), mean, std)[None]
         views.append(v)
         flipped.append(False)
         if flip:

@@ -1,9 +1,18 @@
 """Dataset-level segmentation metrics from one streaming confusion matrix
-(shared/reference/segmenter.md §4; MMSegmentation's ``IoUMetric`` semantics)."""
+(shared/reference/segmenter.md §4), with each source's bookkeeping (``BOOKKEEPING``)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+# How the per-class figures enter the means:
+# "mmseg": MMSegmentation's IoUMetric (the reference evaluates with it too): a class with union 0
+#   has IoU NaN, a class with no labelled pixel has Acc (= recall, I / label) NaN; both are left
+#   out of mIoU and mAcc.
+# "paddlevit": PaddleViT's src/utils/metrics.py: union 0 gives IoU 0, kept in the mean; per-class
+#   Acc is I / predicted (precision), 0 where nothing was predicted.
+BOOKKEEPING = ("mmseg", "paddlevit")
 
 
 class ConfusionMatrix:
@@ -38,16 +47,24 @@ class ConfusionMatrix:
         self.mat += other.mat
         return self
 
-    def compute(self) -> dict:
-        """``mIoU``, ``mAcc``, ``aAcc`` in percent; per-class ``IoU`` and ``Acc`` (NaN where
-        the class has union 0, resp. no labelled pixel, and left out of the means)."""
+    def compute(self, bookkeeping: str = "mmseg") -> dict:
+        """``mIoU``, ``mAcc``, ``aAcc`` in percent and per-class ``IoU`` and ``Acc``, kept as
+        ``bookkeeping`` says (see BOOKKEEPING). aAcc = sum I / labelled pixels either way
+        (PaddleViT's "Acc" divides by predicted labelled pixels: the same number)."""
+        if bookkeeping not in BOOKKEEPING:
+            raise ValueError(f"bookkeeping must be one of {BOOKKEEPING}, got {bookkeeping!r}")
         mat = self.mat.double().numpy()
         inter = np.diag(mat)
         labelled = mat.sum(axis=1)
-        union = labelled + mat.sum(axis=0) - inter
+        predicted = mat.sum(axis=0)
+        union = labelled + predicted - inter
+        empty = 0.0 if bookkeeping == "paddlevit" else np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, inter / union, np.nan)
-            acc = np.where(labelled > 0, inter / labelled, np.nan)
+            iou = np.where(union > 0, inter / union, empty)
+            if bookkeeping == "paddlevit":
+                acc = np.where(predicted > 0, inter / predicted, 0.0)
+            else:
+                acc = np.where(labelled > 0, inter / labelled, np.nan)
         total = labelled.sum()
         return {
             "mIoU": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan"),

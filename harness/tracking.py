@@ -6,6 +6,12 @@ Names here are the contract with ``reports/``: experiment ``segrepro``; tags
 ``segrepro.profile``, ``segrepro.config_hash``, ``segrepro.status`` (running | finished |
 failed), ``segrepro.error``; metrics ``train/*``, ``val/mIoU``, ``ss/*``, ``msflip/*``,
 ``bench/*``, ``wall_time_s``, ``gpu_hours``. Only the driver (and training's rank 0) writes.
+
+``segrepro eval`` logs one run per evaluation, tagged ``segrepro.kind=eval`` with
+``segrepro.config``, ``segrepro.checkpoint`` (the path), ``segrepro.source`` (who produced the
+weights), ``segrepro.protocol`` (whose evaluation rules), ``segrepro.mode`` (ss | msflip) and
+``segrepro.status``; the flattened config and ``protocol.*`` as params; ``MODE/mIoU``,
+``MODE/mAcc``, ``MODE/aAcc`` as metrics.
 """
 from __future__ import annotations
 
@@ -132,6 +138,24 @@ class Tracker:
                   **{f"device.{k}": v for k, v in facts.items()}}
         self.log_params(run.info.run_id, params)
         return run.info.run_id, False
+
+    def log_eval(self, cfg: Config, record: dict) -> str:
+        """One finished ``kind=eval`` run holding an evaluation's figures and its protocol."""
+        protocol = record["protocol"]
+        tags = {"segrepro.kind": "eval", "segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
+                "segrepro.checkpoint": record["checkpoint"], "segrepro.source": record["source"],
+                "segrepro.protocol": protocol["name"], "segrepro.mode": protocol["mode"],
+                "segrepro.config_hash": cfg.config_hash(), "segrepro.status": "finished"}
+        run = self.client.create_run(self.experiment_id, run_name=f"eval-{cfg.name}-{protocol['name']}", tags=tags)
+        run_id = run.info.run_id
+        self.log_params(run_id, {**flatten(cfg.to_dict()), **flatten(protocol, "protocol."),
+                                 "protocol.normalization_used": record["normalization"], "git_commit": git_commit(),
+                                 **package_versions()})
+        mode = protocol["mode"]
+        self.log_metrics(run_id, {f"{mode}/{k}": record[k] for k in ("mIoU", "mAcc", "aAcc")}
+                         | {f"{mode}/images": record["images"]})
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

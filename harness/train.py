@@ -417,7 +417,7 @@ def _validate(model, cfg: Config, val_set: ADE20K, device: torch.device) -> dict
     _agree_on_error(error, device)
     cm = all_reduce_confusion(cm)
     model.train()
-    out = cm.compute()
+    out = cm.compute(cfg.eval.bookkeeping)
     return {"val/mIoU": out["mIoU"], "val/mAcc": out["mAcc"], "val/aAcc": out["aAcc"]}
 
 

@@ -43,6 +43,13 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
             f"PaddleViT). Verdict: reproduced when |Δ| ≤ {tolerance:g} mIoU (the documented run-to-run "
             f"spread), else below or above; smoke-profile runs get no verdict.",
             miou, image=plots.miou_plot(miou), image_name="miou"),
+        render.Section(
+            "Released checkpoints",
+            "Each checkpoint evaluated with `segrepro eval` (reference run directories, MMSeg and PaddleViT "
+            "checkpoints, segrepro's own): its source's documented figure for its configuration, its mIoU under "
+            "its source's own protocol and under each protocol it was evaluated with (newest run each). "
+            "'protocol (own)' lists the own protocol's rules as logged.",
+            tables.released_view(c), empty_text="No checkpoint evaluated with segrepro eval --run-dir."),
         render.Section("Provenance of each run",
                        "The ImageNet weights the encoder started from (timm tag and the file's SHA-256, or random "
                        "init), the training precision, and window, stride and scales, as logged by each run.",
@@ -81,7 +88,7 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
             "tables": [s.title for s in sections if not s.table.empty],
             "images": [s.image_name for s in sections if s.image is not None],
             "miou": _records(miou), "throughput": _records(throughput), "kernels": _records(kernels),
-            "curves": _records(curves), "notes": c.notes}
+            "curves": _records(curves), "released": _records(tables.released_view(c)), "notes": c.notes}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,9 @@ child run per configuration tagged ``segrepro.kind=config`` with ``segrepro.conf
 ``segrepro.recipe``, ``segrepro.profile``, ``segrepro.status`` and ``segrepro.error``; the
 flattened resolved config as params; final figures as metrics (``ss/mIoU``, ``bench/...``)
 and the training curves as metric histories (step = iteration). Kernel profiles are runs
-tagged ``segrepro.kind=kernels_profile`` with a ``kernels_profile.csv`` artifact.
+tagged ``segrepro.kind=kernels_profile`` with a ``kernels_profile.csv`` artifact. ``segrepro
+eval`` runs are tagged ``segrepro.kind=eval`` with ``segrepro.checkpoint``, ``segrepro.source``
+(who produced the weights), ``segrepro.protocol`` and ``segrepro.mode``, and log ``MODE/mIoU``.
 
 Reproduced metrics that have a documented counterpart take the documented name in the long
 table (``ss/mIoU`` -> ``miou_ss``) so one pivot sets them side by side; every other metric
@@ -32,6 +34,8 @@ COUNTERPART = {"ss/mIoU": "miou_ss", "msflip/mIoU": "miou_msflip",
 CURVE_METRICS = ("train/loss", "train/lr", "val/mIoU")
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
                "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
+EVAL_COLUMNS = ["run_id", "start_time", "config", "checkpoint", "source", "protocol", "mode", "mIoU",
+                "protocol_text"]
 KERNELS_ARTIFACT = "kernels_profile.csv"
 KERNEL_COLUMNS = ["kernel", "impl", "direction", "B", "H", "N", "D", "C", "dtype", "stat",
                   "ms", "tflops", "gbps", "frac_peak"]
@@ -49,6 +53,7 @@ class Collected:
     kernels: pd.DataFrame   # the newest kernels profile CSV, plus its run_id
     tracking_uri: str
     notes: list[str] = field(default_factory=list)
+    evals: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EVAL_COLUMNS))  # eval runs
 
 
 def default_tracking_uri(run_dir: str | Path) -> str:
@@ -104,16 +109,26 @@ def _get(row: pd.Series, key: str, default: str = "") -> str:
 
 
 def eval_protocol(row: pd.Series, multi_scale: bool) -> str:
-    """The protocol of a reproduced mIoU, from the run's own params."""
+    """The protocol of a reproduced mIoU, from the run's own params (runs logged before the
+    protocol rules existed lack the rule params; they are left out)."""
     window, stride = _get(row, "params.eval.window", "?"), _get(row, "params.eval.stride", "?")
-    text = f"window {window}, stride {stride}"
+    name = _get(row, "params.eval.protocol")
+    text = (f"{name} protocol: " if name else "") + f"window {window}, stride {stride}"
+    # a null normalisation rule (logged as "None") is the training normalisation
+    shown = {"None": "as trained"}
+    rules = [f"{label} {shown.get(_get(row, f'params.eval.{key}'), _get(row, f'params.eval.{key}'))}"
+             for key, label in (("resize", "resize"), ("label_resolution", "labels"),
+                                ("normalization", "normalisation"), ("bookkeeping", "bookkeeping"))
+             if _get(row, f"params.eval.{key}")]
     if not multi_scale:
-        return text + ", single scale"
+        return ", ".join([text + ", single scale"] + rules)
     text += f", scales {_get(row, 'params.eval.scales', '?')}"
+    ratio_base = _get(row, "params.eval.ratio_base")
+    text += f" of {ratio_base}" if ratio_base else ""
     if _get(row, "params.eval.flip") in ("True", "true", ""):
         text += " + flip"
     small = _get(row, "params.eval.small_views")
-    return text + (f", small views {small}" if small else "")
+    return ", ".join([text + (f", small views {small}" if small else "")] + rules)
 
 
 def bench_protocol(row: pd.Series) -> str:
@@ -167,6 +182,25 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
             **{k: row[k] for k in row.index if k.startswith("metrics.") and pd.notna(row[k])},
         })
     return pd.DataFrame(out) if out else pd.DataFrame(columns=RUN_COLUMNS)
+
+
+def _eval_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished ``segrepro eval`` run (EVAL_COLUMNS), oldest first."""
+    if "tags.segrepro.kind" not in df:
+        return pd.DataFrame(columns=EVAL_COLUMNS)
+    df = df[(df["tags.segrepro.kind"] == "eval") & (df["mlflow_status"] == "FINISHED")]
+    out = []
+    for _, row in df.sort_values("start_time", kind="stable").iterrows():
+        mode = _get(row, "tags.segrepro.mode", "ss")
+        value = row.get(f"metrics.{mode}/mIoU")
+        text = ", ".join(f"{k} {_get(row, f'params.protocol.{k}')}" for k in
+                         ("window", "stride", "test_scale", "resize", "label_resolution", "bookkeeping"))
+        out.append({"run_id": row["run_id"], "start_time": row["start_time"], "config": _get(row, "tags.segrepro.config"),
+                    "checkpoint": _get(row, "tags.segrepro.checkpoint"), "source": _get(row, "tags.segrepro.source"),
+                    "protocol": _get(row, "tags.segrepro.protocol"), "mode": mode,
+                    "mIoU": float(value) if value is not None and pd.notna(value) else float("nan"),
+                    "protocol_text": text + f", normalisation {_get(row, 'params.protocol.normalization_used')}"})
+    return pd.DataFrame(out, columns=EVAL_COLUMNS)
 
 
 def _long_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -260,4 +294,5 @@ def collect(tracking_uri: str, experiment_name: str = EXPERIMENT) -> Collected:
         notes.append(f"no experiment {experiment_name!r} in {tracking_uri}: documented figures only")
     runs = _config_runs(df)
     return Collected(long=_long_table(runs), runs=runs, curves=_curves(client, runs),
-                     kernels=_kernels(df, tracking_uri, notes), tracking_uri=tracking_uri, notes=notes)
+                     kernels=_kernels(df, tracking_uri, notes), tracking_uri=tracking_uri, notes=notes,
+                     evals=_eval_runs(df))

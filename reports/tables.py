@@ -218,6 +218,40 @@ def protocols_view(c: Collected) -> pd.DataFrame:
     return runs[cols].rename(columns=names).reset_index(drop=True)
 
 
+PROTOCOLS = ("reference", "mmseg", "paddlevit")
+
+
+def released_view(c: Collected) -> pd.DataFrame:
+    """Each evaluated checkpoint (and mode): its source's documented figure for its configuration,
+    its mIoU under its own protocol and under every protocol it was evaluated with (the newest
+    run each), and the difference own protocol − documented."""
+    ev = c.evals
+    label = {p: f"under {SOURCE_LABEL.get(p, p)}" for p in PROTOCOLS}
+    cols = (["checkpoint", "source", "config", "eval", "documented", "own protocol", "under own"]
+            + [label[p] for p in PROTOCOLS] + ["Δ own − documented", "protocol (own)", "run_id"])
+    if ev.empty:
+        return pd.DataFrame(columns=cols)
+    doc = documented(c)
+    rows = []
+    newest = ev.sort_values("start_time", kind="stable").groupby(["checkpoint", "mode", "protocol"]).tail(1)
+    for (checkpoint, mode), g in newest.groupby(["checkpoint", "mode"], sort=False):
+        last = g.iloc[-1]
+        source, config = last["source"], last["config"]
+        by_protocol = {r.protocol: r for r in g.itertuples()}
+        own = by_protocol.get(source)
+        documented_value = doc.get((config, source, "miou_ss" if mode == "ss" else "miou_msflip"))
+        own_value = None if own is None else own.mIoU
+        rows.append({"checkpoint": checkpoint, "source": SOURCE_LABEL.get(source, source), "config": config,
+                     "eval": "ss" if mode == "ss" else "ms+flip", "documented": documented_value,
+                     "own protocol": source, "under own": own_value,
+                     **{label[p]: (by_protocol[p].mIoU if p in by_protocol else None) for p in PROTOCOLS},
+                     "Δ own − documented": (own_value - documented_value
+                                            if own_value is not None and documented_value is not None else None),
+                     "protocol (own)": "" if own is None else own.protocol_text,
+                     "run_id": last["run_id"] if own is None else own.run_id})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def sources_view() -> pd.DataFrame:
     """Who documented each figure, and under which protocol."""
     return pd.DataFrame([{"source": SOURCE_LABEL.get(name, name), "title": s.get("title", ""),

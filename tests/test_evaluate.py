@@ -85,7 +85,10 @@ def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path, fixture_y
     saved = json.loads((tmp_path / "out" / "msflip_metrics.json").read_text())
     assert saved["mIoU"] == record["mIoU"] and 0 <= record["mIoU"] <= 100
     assert saved["protocol"] == {"mode": "msflip", "window": 64, "stride": 48, "test_scale": 64,
-                                 "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True, "small_views": "upsample"}
+                                 "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True, "small_views": "upsample",
+                                 "name": "reference", "resize": "fit", "ratio_base": "test_scale",
+                                 "label_resolution": "original", "normalization": None, "bookkeeping": "mmseg"}
+    assert saved["source"] == "reference" and saved["normalization"] == "vit"
     rows = (tmp_path / "out" / "msflip_per_class.csv").read_text().splitlines()
     assert rows[0] == "class,IoU,Acc" and rows[1].startswith("wall,") and len(rows) == 151
     missing = _cli("eval", "seg_tiny_mask", "--checkpoint", FIXTURE, "--data-root", str(tmp_path / "nope"))

@@ -63,3 +63,23 @@ def test_bad_values_are_rejected():
         cm.update(torch.zeros(3, dtype=torch.long), torch.tensor([0, 7, 255]))
     with pytest.raises(ValueError, match="shape"):
         cm.update(torch.zeros(3), torch.zeros(4))
+
+
+def test_bookkeeping_rules_on_a_hand_computed_case():
+    # labels 0 0 1 1 (255 ignored), predictions 0 1 1 2 (0 under the ignored pixel): class 2 is
+    # predicted but never labelled, class 3 is absent from both.
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 1, 1, 2, 0]), torch.tensor([0, 0, 1, 1, 255]))
+    # I = [1, 1, 0, 0], labelled = [2, 2, 0, 0], predicted = [1, 2, 1, 0], union = [2, 3, 1, 0]
+    mm = cm.compute("mmseg")
+    assert mm["IoU"][:3] == pytest.approx([50.0, 100 / 3, 0.0]) and math.isnan(mm["IoU"][3])
+    assert mm["mIoU"] == pytest.approx((50 + 100 / 3 + 0) / 3)  # class 3 left out of the mean
+    assert mm["Acc"][:2] == pytest.approx([50.0, 50.0]) and math.isnan(mm["Acc"][2]) and math.isnan(mm["Acc"][3])
+    assert mm["mAcc"] == pytest.approx(50.0) and mm["aAcc"] == pytest.approx(50.0)
+    pv = cm.compute("paddlevit")
+    assert pv["IoU"] == pytest.approx([50.0, 100 / 3, 0.0, 0.0])
+    assert pv["mIoU"] == pytest.approx((50 + 100 / 3 + 0 + 0) / 4)  # class 3 counted as IoU 0
+    assert pv["Acc"] == pytest.approx([100.0, 50.0, 0.0, 0.0])  # I / predicted, 0 where none predicted
+    assert pv["mAcc"] == pytest.approx(37.5) and pv["aAcc"] == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="bookkeeping"):
+        cm.compute("torchmetrics")

@@ -59,6 +59,25 @@ def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """PaddleViT's eval ``Resize(target_size=short)`` (paddle.vision functional_cv2.resize with an
+    int): the short side to ``short``, the long side ``int(short * long / short_side)`` (truncated),
+    no cap on the long side."""
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def resize_test_image(image: torch.Tensor, size: Sequence[int], rule: str = "fit") -> torch.Tensor:
+    """A 3xHxW test image at ``size``, bilinear without antialiasing (cv2's INTER_LINEAR):
+    "fit" resizes the uint8 image (MMSeg's uint8 result), "short_side" the float32 image
+    (PaddleViT reads images as float32)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    src = image.float() if rule == "short_side" else image
+    return F.resize(src, list(size), interpolation=BILINEAR, antialias=False)
+
+
 def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 or float 3xHxW (pixel units) -> float32 (x - mean) / std."""
     m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -258,27 +277,38 @@ class PaddleViTTrainTransform:
 # ---------------------------------------------------------------- test
 
 class TestTransform:
-    """MMSeg test Resize(scale=(max_long_side, test_scale), keep_ratio=True) + Normalize.
+    """Test resize + Normalize, by the protocol's ``resize`` rule (EvalConfig.resize):
 
-    The short side goes to ``test_scale`` unless the long side would exceed
+    "fit": MMSeg test Resize(scale=(max_long_side, test_scale), keep_ratio=True) on the uint8
+    image: the short side goes to ``test_scale`` unless the long side would exceed
     ``max_long_side`` (default 4 x test_scale: 2048 at 512, 2560 at 640, as in the MMSeg
     Segmenter configs). The label is returned at the original resolution: mIoU is computed
     there (reference §4).
+    "short_side": PaddleViT's eval Resize on the float image (``short_side_size``), and the
+    label resized (nearest) to the same size, where PaddleViT scores it.
     """
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, test_scale: int = 512, mean: Sequence[float] = (127.5,) * 3,
-                 std: Sequence[float] = (127.5,) * 3, max_long_side: int | None = None):
+                 std: Sequence[float] = (127.5,) * 3, max_long_side: int | None = None, resize: str = "fit"):
         if test_scale <= 0:
             raise ValueError(f"test_scale must be positive, got {test_scale}")
+        if resize not in ("fit", "short_side"):
+            raise ValueError(f"resize must be 'fit' or 'short_side', got {resize!r}")
+        self.test_scale, self.resize = test_scale, resize
         self.scale = (max_long_side or 4 * test_scale, test_scale)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image: np.ndarray, label: np.ndarray | None = None, rng=None):
         img, lab = _to_tensors(image, label)
-        size = list(rescale_size(img.shape[-2], img.shape[-1], self.scale))
-        img = F.resize(img, size, interpolation=BILINEAR, antialias=False)
+        h, w = img.shape[-2:]
+        if self.resize == "short_side":
+            size = list(short_side_size(h, w, self.test_scale))
+            lab = None if lab is None else F.resize(lab, size, interpolation=NEAREST)
+        else:
+            size = list(rescale_size(h, w, self.scale))
+        img = resize_test_image(img, size, self.resize)
         return normalize(img, self.mean, self.std), None if lab is None else lab[0].long()
 
 
@@ -297,8 +327,8 @@ def build_train_transform(recipe: str, crop_size: int | Sequence[int], mean: Seq
 
 
 def build_test_transform(test_scale: int, mean: Sequence[float], std: Sequence[float],
-                         max_long_side: int | None = None) -> TestTransform:
-    return TestTransform(test_scale, mean, std, max_long_side)
+                         max_long_side: int | None = None, resize: str = "fit") -> TestTransform:
+    return TestTransform(test_scale, mean, std, max_long_side, resize)
 
 
 def seed_worker(worker_id: int) -> None:

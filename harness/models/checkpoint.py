@@ -1,6 +1,8 @@
-"""Checkpoints: reference run directories, segrepro's own files, and timm ImageNet backbones."""
+"""Checkpoints: reference run directories, segrepro's own files, MMSegmentation and PaddleViT
+checkpoints (harness/models/mmseg.py, harness/models/paddlevit.py), and timm ImageNet backbones."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ import torch.nn as nn
 import yaml
 from timm.layers import resample_abs_pos_embed
 
-from harness.config import Config, ConfigError, InputError, config_from_dict
+from harness.config import (Config, ConfigError, InputError, config_from_dict, deep_merge, load_config,
+                            recipe_overrides, released_rows, zoo_names)
 from harness.models.segmenter import Segmenter, build_model
 
 SEGREPRO_FORMAT = "segrepro-checkpoint"
@@ -143,36 +146,106 @@ def load_state_dict_strict(module: nn.Module, state: dict, source: Any, ignore: 
     module.load_state_dict(state, strict=False)
 
 
-def load_checkpoint(path: str | os.PathLike, **model_overrides: Any) -> tuple[Segmenter, Config]:
-    """``(model, config)`` from a reference run directory (or its checkpoint.pth, with
-    variant.yml beside it) or a segrepro checkpoint; the model is in eval mode.
-
-    ``model_overrides`` replace model fields that do not change the weights
-    (``attention``, ``mask_step``).
-    """
-    path = Path(path)
+def _checkpoint_file(path: Path) -> Path:
+    """A directory names its checkpoint.pth / checkpoint.pt, else its one .pth or .pdparams."""
     if path.is_dir():
-        candidates = [path / "checkpoint.pth", path / "checkpoint.pt"]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise CheckpointError(f"{path}: no checkpoint.pth or checkpoint.pt in this directory")
+        found = [c for c in (path / "checkpoint.pth", path / "checkpoint.pt") if c.is_file()]
+        found = found or sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pdparams"))
+        if len(found) != 1 and not (found and found[0].stem == "checkpoint"):
+            raise CheckpointError(f"{path}: no checkpoint.pth or checkpoint.pt in this directory, and "
+                                  f"{len(found)} .pth/.pdparams files instead of one")
         path = found[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict")
-    if ckpt.get("format") == SEGREPRO_FORMAT:
-        cfg = config_from_dict(ckpt["config"], path)
+    return path
+
+
+_ARCH = ("patch_size", "d_model", "n_layers", "n_heads", "distilled", "image_size", "n_cls")
+
+
+def _zoo_row(model: dict) -> tuple[str, str] | None:
+    """(documented row, its backbone) with the architecture of a source's checkpoint, if any: a
+    zoo configuration, or a row only a source released (experiments/released.yaml)."""
+    rows = {name: load_config(name).model for name in zoo_names()} | released_rows()
+    for name, row in rows.items():
+        if all(getattr(row, k) == model.get(k, False if k == "distilled" else None) for k in _ARCH) \
+                and row.decoder.name == model["decoder"]["name"]:
+            return name, row.backbone
+    return None
+
+
+def _source_config(source: str, path: Path, fields: dict, where: str) -> Config:
+    """A source checkpoint's Config: its recipe (experiments/recipes/SOURCE.yaml, which holds the
+    source's protocol rules) under what the checkpoint and its config file say."""
+    row = _zoo_row(fields["model"])
+    name = row[0] if row else (path.parent.name if path.stem in ("checkpoint", "model") else path.stem)
+    model = {**fields["model"], "backbone": row[1]} if row else {"backbone": f"vit_{source}", **fields["model"]}
+    base = {"optim": {"batch_size": 8}}
+    merged = deep_merge(deep_merge(base, recipe_overrides(source)), {**fields, "model": model})
+    merged.update(name=name, description=f"{source} checkpoint {path} (config: {where})", recipe=source,
+                  source=source)
+    return config_from_dict(merged, where)
+
+
+def _read_source(source: str, read, path: Path, state: Any, source_config) -> tuple[dict, Config]:
+    try:
+        converted, fields, where = read(path, state, source_config)
+    except InputError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        kind = {"mmseg": "an MMSeg", "paddlevit": "a PaddleViT"}[source]
+        raise CheckpointError(f"{path}: not {kind} Segmenter checkpoint segrepro can read "
+                              f"({type(e).__name__}: {e})") from None
+    return converted, _source_config(source, path, fields, where)
+
+
+def load_checkpoint(path: str | os.PathLike, source_config: str | os.PathLike | None = None,
+                    **model_overrides: Any) -> tuple[Segmenter, Config]:
+    """``(model, config)`` from any checkpoint segrepro reads, recognised by its content:
+
+    - a reference run directory, or its checkpoint.pth with variant.yml beside it;
+    - a segrepro checkpoint;
+    - an MMSeg checkpoint (a dict whose ``state_dict`` holds ``backbone.*``) with the config
+      MMSeg dumps beside it (or ``source_config``, or the config text in its ``meta``);
+    - a PaddleViT ``.pdparams`` (a pickle of numpy arrays) with its yaml beside it (or
+      ``source_config``).
+
+    The model computes what the source's own code computes (its options set from the source's
+    config) and is in eval mode; ``config.source`` names the source and ``config.eval`` carries
+    its evaluation protocol. ``model_overrides`` replace model fields that do not change the
+    weights (``attention``, ``mask_step``).
+    """
+    from harness.models import mmseg, paddlevit
+
+    path = _checkpoint_file(Path(path))
+    source_config = Path(source_config) if source_config is not None else None
+    # MMSeg and PaddleViT have no ImageNet head; segmentation never uses the reference's
+    ignore: tuple[str, ...] = ("encoder.head.", "encoder.head_dist.")
+    pd_state = paddlevit.read_pdparams(path) if paddlevit.looks_like_pdparams(path) else None
+    if pd_state is not None:
+        state, cfg = _read_source("paddlevit", paddlevit.read, path, pd_state, source_config)
     else:
-        variant = path.parent / "variant.yml"
-        if not variant.is_file():
-            raise CheckpointError(f"{path}: a reference checkpoint needs its variant.yml beside it ({variant} is missing)")
-        cfg = config_from_variant(read_variant(variant), path.parent.name, variant)
+        ckpt = _torch_load(path)
+        if mmseg.is_mmseg(ckpt):
+            state, cfg = _read_source("mmseg", mmseg.read, path, ckpt, source_config)
+        elif not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (reference or segrepro), "
+                                  f"a 'state_dict' of backbone.*/decode_head.* weights (MMSeg), or a .pdparams")
+        else:
+            state, ignore = ckpt["model"], ()
+            if ckpt.get("format") == SEGREPRO_FORMAT:
+                cfg = config_from_dict(ckpt["config"], path)
+            else:
+                variant = path.parent / "variant.yml"
+                if not variant.is_file():
+                    raise CheckpointError(f"{path}: a reference checkpoint needs its variant.yml beside it "
+                                          f"({variant} is missing)")
+                cfg = config_from_variant(read_variant(variant), path.parent.name, variant)
+                cfg = dataclasses.replace(cfg, source="reference")
     if model_overrides:
         cfg = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], **model_overrides}}, path)
     model = build_model(cfg.model)
-    load_state_dict_strict(model, ckpt["model"], path)
+    load_state_dict_strict(model, state, path, ignore=ignore)
     return model.eval(), cfg
 
 

@@ -28,12 +28,17 @@ class DecoderLinear(nn.Module):
 
 class MaskTransformer(nn.Module):
     """Class embeddings decoded jointly with the patch tokens; masks are the LayerNorm'd
-    cosine similarities between projected patches and projected class embeddings."""
+    cosine similarities between projected patches and projected class embeddings.
+
+    ``ln_eps`` is the blocks' LayerNorm eps, ``norm_eps`` that of ``decoder_norm`` and
+    ``mask_norm`` (None = ln_eps): reference 1e-5/1e-5, MMSeg's head 1e-5/1e-5, PaddleViT
+    1e-6/1e-5.
+    """
 
     def __init__(self, n_cls: int, patch_size: int, d_encoder: int, n_layers: int, n_heads: int,
                  d_model: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                  dropout: float = 0.1, ln_eps: float = 1e-5, attention: str = "torch",
-                 mask_step: str = "torch"):
+                 mask_step: str = "torch", norm_eps: float | None = None):
         super().__init__()
         self.n_cls = n_cls
         self.patch_size = patch_size
@@ -44,8 +49,9 @@ class MaskTransformer(nn.Module):
         # raw d x d matrices used as x @ P, as the reference stores them
         self.proj_patch = nn.Parameter(d_model ** -0.5 * torch.randn(d_model, d_model))
         self.proj_classes = nn.Parameter(d_model ** -0.5 * torch.randn(d_model, d_model))
-        self.decoder_norm = nn.LayerNorm(d_model, eps=ln_eps)
-        self.mask_norm = nn.LayerNorm(n_cls, eps=ln_eps)
+        norm_eps = ln_eps if norm_eps is None else norm_eps
+        self.decoder_norm = nn.LayerNorm(d_model, eps=norm_eps)
+        self.mask_norm = nn.LayerNorm(n_cls, eps=norm_eps)
         self.apply(_init_weights)
         trunc_normal_(self.cls_emb, std=0.02)
 

@@ -50,13 +50,27 @@ class VisionTransformer(nn.Module):
 
     Holds the 1000-way ImageNet head (and ``head_dist``) as the reference does, so reference
     state dicts load strictly; segmentation never calls them.
+
+    The sources' differences are options: ``ln_eps`` (blocks) and ``final_norm_eps`` (final
+    norm; None = ln_eps): reference 1e-5/1e-5, MMSeg 1e-6/1e-6, PaddleViT 1e-6/1e-5.
+    ``pos_embed_interp``: how the stored position grid is resized to another input grid
+    (reference bilinear, MMSeg bicubic; align_corners False, extra tokens kept).
+    ``pos_embed_resize``: "token_count" resizes only when the token count differs from the
+    stored grid's, as both the reference and MMSeg do (a 2x8 input on a 4x4 grid uses the stored
+    embedding as it is); "never" adds it at its stored size, as PaddleViT does, so any other
+    input grid is an error.
     """
 
     def __init__(self, image_size: int, patch_size: int, n_layers: int, d_model: int, n_heads: int,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, drop_path_rate: float = 0.0,
                  distilled: bool = False, ln_eps: float = 1e-5, n_imagenet_cls: int = 1000,
-                 attention: str = "torch"):
+                 attention: str = "torch", final_norm_eps: float | None = None,
+                 pos_embed_interp: str = "bilinear", pos_embed_resize: str = "token_count"):
         super().__init__()
+        if pos_embed_interp not in ("bilinear", "bicubic") or pos_embed_resize not in ("token_count", "never"):
+            raise ValueError(f"unknown position-embedding option {pos_embed_interp!r} / {pos_embed_resize!r}")
+        self.pos_embed_interp = pos_embed_interp
+        self.pos_embed_resize = pos_embed_resize
         self.patch_size = patch_size
         self.distilled = distilled
         self.num_extra_tokens = 2 if distilled else 1
@@ -69,7 +83,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, d_model))
         self.dropout = nn.Dropout(dropout)
         self.blocks = make_blocks(d_model, n_layers, n_heads, mlp_ratio, dropout, drop_path_rate, ln_eps, attention)
-        self.norm = nn.LayerNorm(d_model, eps=ln_eps)
+        self.norm = nn.LayerNorm(d_model, eps=ln_eps if final_norm_eps is None else final_norm_eps)
         self.head = nn.Linear(d_model, n_imagenet_cls)
         self.head_dist = nn.Linear(d_model, n_imagenet_cls) if distilled else None
         for p in (self.pos_embed, self.cls_token, self.dist_token):
@@ -87,9 +101,13 @@ class VisionTransformer(nn.Module):
         pos_embed = self.pos_embed
         grid = (H // self.patch_size, W // self.patch_size)
         if x.shape[1] != pos_embed.shape[1]:
-            # reference resize_pos_embed: bilinear, align_corners=False, extra tokens kept
+            if self.pos_embed_resize == "never":
+                raise ValueError(f"input {H}x{W} gives a {grid[0]}x{grid[1]} patch grid; this model adds its "
+                                 f"position embedding at the stored {self.grid_size[0]}x{self.grid_size[1]} grid "
+                                 f"only (PaddleViT), so every window must be the training crop")
+            # reference resize_pos_embed (bilinear) / MMSeg resize_pos_embed (bicubic)
             pos_embed = resample_abs_pos_embed(pos_embed, list(grid), list(self.grid_size),
-                                               self.num_extra_tokens, interpolation="bilinear",
+                                               self.num_extra_tokens, interpolation=self.pos_embed_interp,
                                                antialias=False)
         x = self.dropout(x + pos_embed)
         for blk in self.blocks:

@@ -9,7 +9,6 @@ from harness.train import (MODEL_FILE, RNG_FILE, LocalSession, epoch_indices, se
                            segmentation_loss, train_loop)
 
 
-
 def _run(cfg, data_root, run_dir, stop_after=None):
     losses = {}
     out = train_loop(cfg, data_root, LocalSession(run_dir), stop_after=stop_after,

@@ -12,7 +12,6 @@ from harness.models import load_checkpoint
 from harness.train import KILL_ENV, RNG_FILE, TRACE_ENV, train
 
 
-
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
