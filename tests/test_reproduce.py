@@ -126,6 +126,29 @@ def _wait_http(url: str, seconds: float) -> None:
             time.sleep(0.5)
 
 
+def _wait_nodes(ray_bin: str, port: int, env: dict, count: int, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while True:
+        status = subprocess.run([ray_bin, "status", "--address", f"127.0.0.1:{port}"], env=env,
+                                capture_output=True, text=True).stdout
+        if status.count("node_") >= count:
+            return
+        assert time.time() < deadline, f"fewer than {count} Ray nodes after {seconds} s:\n{status}"
+        time.sleep(1)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to a process group this test started, SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 def test_two_node_ray_cluster_and_mlflow_server(env, tmp_path):
     ray_port, mlflow_port = _free_port(), _free_port()
     e = env["env"]
@@ -134,11 +157,14 @@ def test_two_node_ray_cluster_and_mlflow_server(env, tmp_path):
                                "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
                               env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ray_bin = str(Path(sys.executable).parent / "ray")
+    # both nodes in the foreground (--block), each in its own process group, so that the test
+    # stops exactly the nodes it started (`ray stop` would stop every Ray on the machine)
+    nodes = [subprocess.Popen([ray_bin, "start", "--block", *args, "--num-cpus", "1"], env=e, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for args in (["--head", "--port", str(ray_port), "--include-dashboard=false"],
+                          ["--address", f"127.0.0.1:{ray_port}"])]
     try:
-        subprocess.run([ray_bin, "start", "--head", "--port", str(ray_port), "--num-cpus", "1",
-                        "--include-dashboard=false"], env=e, check=True, capture_output=True)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{ray_port}", "--num-cpus", "1"],
-                       env=e, check=True, capture_output=True)
+        _wait_nodes(ray_bin, ray_port, e, 2, 120)
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 60)
         uri = f"http://127.0.0.1:{mlflow_port}"
         res = _segrepro(env, "reproduce", "--configs", "tiny_test", "--profile", "tiny", "--data-root",
@@ -156,6 +182,5 @@ def test_two_node_ray_cluster_and_mlflow_server(env, tmp_path):
         assert {"config.yaml", "ss_per_class.csv", "msflip_per_class.csv", "log.txt"} <= artifacts
         assert not (tmp_path / "run" / "mlflow.db").exists()
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=e, capture_output=True)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        for proc in [*reversed(nodes), server]:
+            _stop_group(proc)
