@@ -421,7 +421,8 @@ def format_report(r: dict) -> str:
     from tabulate import tabulate
 
     lines = [tabulate([[c["name"], c["status"].upper(), c["detail"]] for c in r["checks"]],
-                      headers=["check", "result", "detail"], disable_numparse=True), ""]
+                      headers=["check", "result", "detail"], disable_numparse=True,
+                      maxcolwidths=[None, None, 100]), ""]  # a long message wraps instead of widening
     rows, errors = [], []
     for c in r["configs"]:
         if "error" in c:  # below the table, which a long message would stretch
