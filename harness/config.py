@@ -466,6 +466,8 @@ def apply_protocol(cfg: Config, name: str) -> Config:
     its own stride, as its files give it."""
     if name == cfg.eval.protocol:
         return cfg
+    if name not in recipe_names():
+        raise InputError(f"--protocol {name}: unknown protocol; expected one of {', '.join(recipe_names())}")
     path, over = _overrides("recipes", name)
     rules = _build(EvalConfig, over.get("eval", {}), path, "overrides.eval")
     data = cfg.to_dict()

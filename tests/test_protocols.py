@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.config import ConfigError, apply_protocol, load_config, normalization_name
+from harness.config import InputError, apply_protocol, load_config, normalization_name
 from harness.data.synth import synthesize
 from harness.evaluate import Protocol, model_predictor
 from harness.inference import view_size
@@ -68,7 +68,8 @@ def test_apply_protocol_keeps_the_checkpoints_sizes():
     _, off = load_checkpoint(FIXTURES / "vit_mask")
     pv = apply_protocol(off, "paddlevit")
     assert (pv.eval.stride, pv.eval.small_views, pv.eval.label_resolution) == (64, "upsample", "resized")
-    with pytest.raises(ConfigError, match="unknown recipe 'detectron'; expected one of mmseg, paddlevit, reference"):
+    with pytest.raises(InputError, match="--protocol detectron: unknown protocol; expected one of mmseg, paddlevit, "
+                                         "reference"):
         apply_protocol(off, "detectron")
 
 

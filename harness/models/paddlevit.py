@@ -44,13 +44,17 @@ _RENAME = [
 _UNTRANSPOSED = ("decoder.proj_patch", "decoder.proj_classes")
 
 
+class _Forbidden(pickle.UnpicklingError):
+    """A global outside the numpy-array allowlist (as opposed to a truncated or corrupt pickle)."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits the globals a .pdparams holds (numpy array reconstruction) and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a .pdparams (numpy arrays only)")
+        raise _Forbidden(f"{module}.{name} is not allowed in a .pdparams (numpy arrays only)")
 
 
 def looks_like_pdparams(path: Path) -> bool:
@@ -68,7 +72,7 @@ def read_pdparams(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         with open(path, "rb") as f:
             obj = _NumpyOnlyUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except _Forbidden as e:
         raise CheckpointError(f"{path}: refused: {e}") from None
     except Exception as e:  # truncated or corrupt pickles of every kind
         raise CheckpointError(f"{path}: not a readable .pdparams ({type(e).__name__}: {e})") from None

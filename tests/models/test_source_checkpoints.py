@@ -40,6 +40,10 @@ def test_pdparams_with_a_non_numpy_global_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"posix\.system is not allowed in a \.pdparams"):
         load_checkpoint(tmp_path / "model.pdparams")
     assert not (tmp_path / "pwned").exists()
+    # a truncated file is unreadable, not refused
+    (tmp_path / "model.pdparams").write_bytes((PVT / "model.pdparams").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable .pdparams .UnpicklingError: pickle data was truncated"):
+        load_checkpoint(tmp_path / "model.pdparams")
 
 
 def test_formats_are_recognised_by_content_not_name(tmp_path):
