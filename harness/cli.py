@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from harness.atomic import atomic_path
     from harness.config import NORMALIZATION, normalization_name
     from harness.data.ade20k import colorize
     from harness.inference import make_views, slide_inference
@@ -90,15 +90,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     probs = slide_inference(model, views, flipped, image.shape[:2], cfg.eval.window, cfg.eval.stride,
                             cfg.eval.batch_size, cfg.eval.small_views)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    colorize(probs.argmax(0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        colorize(probs.argmax(0).numpy()).save(tmp, format="PNG")
     if args.logits:
-        logits_path = Path(args.logits)
-        tmp = logits_path.with_name(logits_path.name + ".tmp.npy")
-        np.save(tmp, probs.numpy().astype(np.float32))
-        os.replace(tmp, logits_path)
+        with atomic_path(args.logits) as tmp, open(tmp, "wb") as f:
+            np.save(f, probs.numpy().astype(np.float32))
     print(f"{out}: {image.shape[1]}x{image.shape[0]}, window {cfg.eval.window}, stride {cfg.eval.stride}, "
           f"scales {list(scales)}, flip {flip}")
     return 0
@@ -173,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from harness.scheduler import Options, reproduce, resolve_configs
+    from harness.reproduce import Options, reproduce, resolve_configs
 
     run_dir = Path(args.run_dir).resolve()
     opts = Options(configs=resolve_configs(args.configs), data_root=Path(args.data_root).resolve(), run_dir=run_dir,
@@ -183,7 +179,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                    from_scratch=args.from_scratch, amp=args.amp, argv=sys.argv[1:])
     if args.preflight:
         from harness.preflight import format_report
-        from harness.scheduler import preflight
+        from harness.reproduce import preflight
 
         result = preflight(opts, args.preflight_iterations, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else format_report(result))
@@ -210,7 +206,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _weights_configs(args: argparse.Namespace) -> list:
     from harness.config import load_config
-    from harness.scheduler import resolve_configs
+    from harness.reproduce import resolve_configs
 
     return [load_config(name) for name in resolve_configs(args.configs)]
 
@@ -344,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
 
-    from harness import train
+    from harness.train import command as train
 
     p = sub.add_parser("train", help="train one configuration with Ray Train (DDP, checkpoints, resume)")
     train.add_arguments(p)

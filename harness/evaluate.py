@@ -18,6 +18,7 @@ import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
+from harness.atomic import write_text
 from harness.config import NORMALIZATION, Config, normalization_name
 from harness.data.ade20k import ADE20K, CLASSES
 from harness.inference import make_views, slide_inference, view_size
@@ -182,12 +183,6 @@ def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: 
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
     """``<mode>_metrics.json`` (metrics + protocol) and ``<mode>_per_class.csv`` (class, IoU, Acc)."""
     out_dir = Path(out_dir)
@@ -195,12 +190,12 @@ def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
     mode = record["protocol"]["mode"]
     metrics_path, csv_path = out_dir / f"{mode}_metrics.json", out_dir / f"{mode}_per_class.csv"
     summary = {k: v for k, v in record.items() if k != "per_class"}
-    _atomic_write(metrics_path, json.dumps(summary, indent=2) + "\n")
+    write_text(metrics_path, json.dumps(summary, indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["class", "IoU", "Acc"])
     writer.writeheader()
     writer.writerows(record["per_class"])
-    _atomic_write(csv_path, buf.getvalue())
+    write_text(csv_path, buf.getvalue())
     return metrics_path, csv_path
 
 

@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -37,13 +36,17 @@ from typing import Callable, Iterator
 
 import torch
 
+from harness.atomic import write_text
 from harness.benchmark import benchmark
 from harness.cli import _zoo_model_dims
 from harness.config import Config, InputError, load_config
 from harness.data.synth import METADATA_FILE, synthesize
 from harness.evaluate import run_eval
-from harness.scheduler import SEED_CONFIGS
-from harness.train import KILL_ENV, MODEL_FILE, TRACE_ENV, LocalSession, format_progress, train, train_loop
+from harness.reproduce import SEED_CONFIGS
+from harness.train.checkpoint import MODEL_FILE
+from harness.train.driver import train
+from harness.train.loop import KILL_ENV, TRACE_ENV, format_progress, train_loop
+from harness.train.session import LocalSession
 from kernels.device import device_facts
 from kernels.profile import CSV_NAME, ZOO_BATCHES, ZOO_IMAGE_SIZES, profile_gpu, write_csv, zoo_shapes
 
@@ -172,20 +175,12 @@ def format_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the summary is a report
-    os.replace(tmp, path)
-
-
 def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
     """``summary.json`` and ``summary.md`` under ``out_dir``, each replaced in one rename."""
     paths = out_dir / "summary.json", out_dir / "summary.md"
     # default=str: an odd figure type must not cost the whole summary
-    _write_atomic(paths[0], json.dumps(summary, indent=2, default=str) + "\n")
-    _write_atomic(paths[1], format_markdown(summary))
+    write_text(paths[0], json.dumps(summary, indent=2, default=str) + "\n")
+    write_text(paths[1], format_markdown(summary))
     return paths
 
 

@@ -34,6 +34,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.atomic import write_json
 from harness.config import Config, InputError
 from harness.tracking import check_tracking_uri
 
@@ -120,10 +121,7 @@ def full_data_check(root: str | os.PathLike, progress: bool = False) -> dict:
               "pairs": sum(1 for _ in base.glob("images/*/*.jpg")),
               "seconds": time.perf_counter() - start, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if not problems:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            f.write(json.dumps(record, indent=1) + "\n")
-        os.replace(f.name, path)
+        write_json(path, record, indent=1)
     return {**record, "cached": False}
 
 
@@ -257,8 +255,8 @@ def measure(cfg: Config, data_root: str, workers: int, iterations: int = MEASURE
     from harness.data import ADE20K
     from harness.evaluate import Protocol, model_predictor
     from harness.models import build_model
-    from harness.schedule import build_optimizer
-    from harness.train import _loader, _train_transform, precision, train_step
+    from harness.optim import build_optimizer
+    from harness.train.loop import _loader, _train_transform, precision, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     per_worker = cfg.optim.batch_size // workers

@@ -10,7 +10,7 @@ from harness.cli import main
 from harness.config import load_config
 from harness.data.synth import synthesize
 from harness.preflight import CACHE_ENV, format_report, full_data_check
-from harness.train import TRACE_ENV, epoch_indices
+from harness.train.loop import TRACE_ENV, epoch_indices
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:

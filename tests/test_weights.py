@@ -20,7 +20,7 @@ from harness import weights
 from harness.config import InputError, load_config
 from harness.data.synth import synthesize
 from harness.models import build_model, load_backbone_weights
-from harness.train import check_resumable
+from harness.train.checkpoint import check_resumable
 
 TINY_TAG = "vit_tiny_patch16_384.augreg_in21k_ft_in1k"
 DEIT_TAG = "deit_tiny_distilled_patch16_224.fb_in1k"
@@ -179,7 +179,8 @@ def test_reproduce_without_weights_lists_every_missing_one(small_dataset, tmp_pa
 
 
 def test_train_loop_loads_only_the_resolved_file(small_dataset, hub_cache, tmp_path):
-    from harness.train import LocalSession, train_loop
+    from harness.train.loop import train_loop
+    from harness.train.session import LocalSession
 
     cfg = load_config("seg_tiny_mask", overrides={"optim": {"batch_size": 2}})
     with pytest.raises(InputError, match=TINY_TAG):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import yaml
 from timm.layers import resample_abs_pos_embed
 
+from harness.atomic import atomic_path
 from harness.config import (Config, ConfigError, InputError, config_from_dict, deep_merge, load_config,
                             recipe_overrides, released_rows, zoo_names)
 from harness.models.segmenter import Segmenter, build_model
@@ -251,11 +252,8 @@ def load_checkpoint(path: str | os.PathLike, source_config: str | os.PathLike | 
 
 def save_model_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: Config, **extra: Any) -> None:
     """Write a segrepro checkpoint atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": SEGREPRO_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": SEGREPRO_FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}, tmp)
 
 
 def load_backbone_weights(model: Segmenter, file: str | os.PathLike, backbone: str) -> None:

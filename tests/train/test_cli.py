@@ -4,7 +4,7 @@ import argparse
 import pytest
 
 from harness.config import InputError
-from harness.train import add_arguments, run
+from harness.train.command import add_arguments, run
 
 
 def _args(*argv):

@@ -5,8 +5,9 @@ import torch.nn.functional as F
 import pytest
 
 from harness.models import build_model, load_checkpoint
-from harness.train import (MODEL_FILE, RNG_FILE, LocalSession, epoch_indices, seed_everything,
-                           segmentation_loss, train_loop)
+from harness.train.checkpoint import MODEL_FILE, RNG_FILE, seed_everything
+from harness.train.loop import epoch_indices, segmentation_loss, train_loop
+from harness.train.session import LocalSession
 
 
 def _run(cfg, data_root, run_dir, stop_after=None):

@@ -9,7 +9,9 @@ import pytest
 
 from harness.config import InputError
 from harness.models import load_checkpoint
-from harness.train import KILL_ENV, RNG_FILE, TRACE_ENV, train
+from harness.train.checkpoint import RNG_FILE
+from harness.train.driver import train
+from harness.train.loop import KILL_ENV, TRACE_ENV
 
 
 @pytest.fixture(scope="module")

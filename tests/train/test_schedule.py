@@ -7,7 +7,7 @@ import torch
 
 from harness.config import load_config
 from harness.models import build_model
-from harness.schedule import build_optimizer, poly_horizon, poly_lr
+from harness.optim import build_optimizer, poly_horizon, poly_lr
 
 # shared/reference/segmenter.md §3, one column per recipe: what the table says, written out
 # independently of experiments/recipes/*.yaml so a wrong YAML or schedule fails here.
@@ -57,7 +57,7 @@ def test_recipe_optimiser_and_schedule_match_section_3(recipe, model):
 
     # t = 0: the base rate, no warmup
     assert _lrs_at(scheduler, optimizer, 0) == pytest.approx([lr, mult * lr], rel=1e-12)
-    # t = T/2: halfway along the poly curve (MMSeg's horizon is T - 1, see harness/schedule.py)
+    # t = T/2: halfway along the poly curve (MMSeg's horizon is T - 1, see harness/optim.py)
     N = T - 1 if recipe == "mmseg" else T
     mid = (lr - lo) * (1 - (T // 2) / N) ** POWER + lo
     assert _lrs_at(scheduler, optimizer, T // 2) == pytest.approx([mid, mult * mid], rel=1e-12)

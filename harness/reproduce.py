@@ -9,7 +9,6 @@ training continues from its last checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from harness import weights
+from harness.atomic import write_json
 from harness.config import Config, InputError, load_config, zoo_names
 from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
 from harness.tracking import Tracker, default_tracking_uri
@@ -86,12 +86,6 @@ class StatusBoard:
             else:
                 self.stream.write(f"{name:<{self.width}}  {text}\n")
             self.stream.flush()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -204,7 +198,7 @@ class Reproduction:
             return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
 
     def _train(self, cfg: Config, work: Path, run_id: str, note) -> dict:
-        from harness.train import RESULT_FILE, train
+        from harness.train.driver import RESULT_FILE, train
 
         done = _read_json(work / "train" / RESULT_FILE)
         if done and done.get("iterations") == cfg.optim.iterations:
@@ -255,7 +249,7 @@ class Reproduction:
         note("bench: running")
         task = ray.remote(**self._resources())(_bench_stage)
         result = ray.get(task.remote(cfg, checkpoint))
-        _write_json(work / "bench.json", result)
+        write_json(work / "bench.json", result)
         return result
 
     def _log_results(self, run_id: str, cfg: Config, work: Path, train: dict, ss: dict, ms: dict, bench: dict) -> None:
