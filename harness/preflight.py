@@ -41,7 +41,6 @@ from harness.tracking import check_tracking_uri
 CHEAP = ("weights", "data layout", "tracking", "ray", "run directory", "resources")
 MEASURED_ITERATIONS = 3
 PROBE_TIMEOUT_S = 60
-CACHE_ENV = "SEGREPRO_CACHE"
 DATA_CHECK_CACHE = "data-check-1"  # bump when the full check starts finding new problems
 ASSUMPTIONS = ("DDP scales linearly (per-worker step time at every world size; gradient all-reduce not "
                "counted); each loader process has a core of its own; start-up, checkpoints and the "
@@ -68,15 +67,6 @@ class Target:
     gpus_per_worker: float = 0
     backbone_dir: Path | None = None
     from_scratch: bool = False
-
-
-def cache_dir() -> Path:
-    """``$SEGREPRO_CACHE``, else ``$XDG_CACHE_HOME/segrepro``, else ``~/.cache/segrepro``:
-    never the dataset, which may be read-only."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "segrepro"
 
 
 # ---------------------------------------------------------------- checks
@@ -107,7 +97,7 @@ def full_data_check(root: str | os.PathLike, progress: bool = False) -> dict:
     """
     from harness.data.ade20k import dataset_dir
     from harness.data.check import check_dataset
-    from harness.data.fingerprint import dataset_fingerprint
+    from harness.data.fingerprint import cache_dir, dataset_fingerprint
 
     fingerprint = dataset_fingerprint(root)
     path = cache_dir() / DATA_CHECK_CACHE / f"{fingerprint}.json"

@@ -1,5 +1,6 @@
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 # any kernels module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Dataset fingerprints and data-check passes are cached per user; tests keep theirs apart (the
+# variable reaches subprocesses and Ray workers too).
+os.environ.setdefault("SEGREPRO_CACHE", tempfile.mkdtemp(prefix="segrepro-test-cache-"))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY_DIRS = ["vit_mask", "vit_linear", "deit_distilled_mask"]

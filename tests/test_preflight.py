@@ -9,7 +9,8 @@ import pytest
 from harness.cli import main
 from harness.config import load_config
 from harness.data.synth import synthesize
-from harness.preflight import CACHE_ENV, format_report, full_data_check
+from harness.data.fingerprint import CACHE_ENV
+from harness.preflight import format_report, full_data_check
 from harness.train.loop import TRACE_ENV, epoch_indices
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests

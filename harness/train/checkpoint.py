@@ -24,6 +24,7 @@ import torch
 
 from harness.atomic import atomic_path
 from harness.config import Config, InputError
+from harness.identity import training_settings
 from harness.models import save_model_checkpoint
 from harness.tracking import flatten
 
@@ -31,9 +32,6 @@ from harness.tracking import flatten
 MODEL_FILE = "checkpoint.pth"
 RNG_FILE = "rng_rank{rank}.pt"
 CONFIG_FILE = "config.json"
-# Settings a run may change when it resumes: they do not alter the trained weights.
-RESUMABLE_CHANGES = {"data": ("num_workers", "test_scale"),
-                     "optim": ("eval_interval", "checkpoint_interval", "log_interval")}
 
 
 def rng_state() -> dict:
@@ -90,13 +88,7 @@ def check_resumable(saved: dict, cfg: Config, where: Path) -> None:
     """A run resumes only with the model, data and schedule it was started with (evaluation,
     benchmark, logging and loader-process settings may change)."""
 
-    def training(d: dict) -> dict:
-        out = {k: d.get(k) for k in ("model", "data", "optim", "recipe")}
-        for section, keys in RESUMABLE_CHANGES.items():
-            out[section] = {k: v for k, v in (out[section] or {}).items() if k not in keys}
-        return out
-
-    old, now = flatten(training(saved)), flatten(training(cfg.to_dict()))
+    old, now = flatten(training_settings(saved)), flatten(training_settings(cfg))
     changed = [f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
     if changed:
         raise InputError(f"{where}: the run in this directory was trained with different model, data or "
