@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from harness.config import InputError
+from harness.interrupt import Interrupted
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -184,13 +185,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         result = preflight(opts, args.preflight_iterations, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else format_report(result))
         return 0 if result["ok"] else 1
-    start = time.perf_counter()
-    outcomes, uri = reproduce(opts)
-    seconds = time.perf_counter() - start
-    report_dir = run_dir / "report"
+    from harness.lock import RunLock
     from reports.build import build_report
 
-    build_report(uri, report_dir)
+    start = time.perf_counter()
+    report_dir = run_dir / "report"
+    with RunLock(run_dir, "segrepro reproduce"):
+        outcomes, uri = reproduce(opts)
+        build_report(uri, report_dir)
+    seconds = time.perf_counter() - start
     summary = {"outcomes": outcomes, "wall_time_s": seconds, "tracking_uri": uri, "report": str(report_dir / "report.html")}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"segrepro: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"segrepro: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("segrepro: interrupted", file=sys.stderr)
         return 130

@@ -2,14 +2,19 @@
 benchmark, each stage a Ray job or task with the resources it needs, configurations
 concurrent as the cluster allows, everything recorded in MLflow, resumable at any point.
 
-A configuration's work lives in ``<run-dir>/configs/<name>-<config hash>/``; each finished
-stage leaves its result file there, so a restarted reproduction skips finished stages and
-training continues from its last checkpoint.
+One process owns a run directory (``harness.lock``). A configuration's work lives in
+``<run-dir>/configs/<name>-<training identity>/`` (``harness.identity``); each finished stage
+leaves its result file there with the key it was computed for, so a restarted reproduction
+reuses exactly the results that would come out the same (training continues from its newest
+readable checkpoint) and recomputes the others. ``--force`` moves a configuration's old work
+to ``<run-dir>/superseded/`` instead of deleting it. The first Ctrl-C stops the running stages
+and marks the runs KILLED (``harness.interrupt``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
+import os
 import sys
 import threading
 import time
@@ -20,9 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from harness import weights
-from harness.atomic import write_json
+from harness import contract, identity, interrupt, weights
+from harness.atomic import write_json, write_text
 from harness.config import Config, InputError, load_config, zoo_names
+from harness.data import DataError
 from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
 from harness.tracking import Tracker, default_tracking_uri
 
@@ -105,6 +111,25 @@ def _bench_stage(cfg: Config, checkpoint: str) -> dict:
     return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats)
 
 
+@dataclass
+class Plan:
+    """One configuration's work and the keys its results are found again by."""
+
+    cfg: Config
+    training_id: str
+    run_key: str
+    work: Path
+    fingerprints: dict  # split -> split_fingerprint record
+    protocols: dict  # "ss" | "msflip" -> the evaluation protocol as a dict
+    bench: dict  # the benchmark settings
+    device: str
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    found = sorted((work / "train").glob("ray/train/checkpoint_*/checkpoint.pth"))
+    return str(found[-1]) if found else None
+
+
 class Reproduction:
     def __init__(self, opts: Options):
         self.opts = opts
@@ -129,23 +154,11 @@ class Reproduction:
     def validate(self) -> None:
         """Every input checked before any work starts: the arguments, then the cheap preflight
         checks (weights, data layout, store, cluster, run directory seen from every node,
-        resources); the configurations then carry their resolved weights."""
+        resources); the configurations then carry their resolved weights and their keys."""
         self.check_arguments()
         require_cheap_checks(self.target())
         self._resolve_weights()
-
-    def run(self) -> list[dict]:
-        from kernels.device import device_facts
-
-        self.tracker = Tracker(self.uri, self.opts.run_dir)
-        self.facts = device_facts()
-        self.parent = self.tracker.start_parent(self.opts.argv)
-        self.board = StatusBoard([c.name for c in self.cfgs])
-        with ThreadPoolExecutor(max_workers=len(self.cfgs)) as pool:
-            outcomes = list(pool.map(self._run_one, self.cfgs))
-        failed = [o for o in outcomes if o["status"] == "failed"]
-        self.tracker.finish(self.parent, f"{len(failed)} configuration(s) failed" if failed else None)
-        return outcomes
+        self._plan()
 
     def _resolve_weights(self) -> None:
         """Every configuration's ImageNet checkpoint found (or its from-scratch fallback decided)
@@ -155,19 +168,72 @@ class Reproduction:
         self.backbones = {r.cfg.name: r.file.path if r.file else None for r in resolved}
         self.init_notes = {r.cfg.name: r.note for r in resolved}
 
-    def _run_one(self, cfg: Config) -> dict:
-        name = cfg.name
-        work = self.opts.run_dir / "configs" / f"{name}-{cfg.config_hash()}"
+    def _plan(self) -> None:
+        from harness.data.fingerprint import split_fingerprint
+        from harness.evaluate import Protocol
+        from kernels.device import device_facts
+
+        self.facts = device_facts()
+        device = self._bench_device()
+        fps = {split: split_fingerprint(self.opts.data_root, split) for split in ("training", "validation")}
+        self.plans = []
+        for cfg in self.cfgs:
+            tid = identity.training_id(cfg, fps["training"]["fingerprint"])
+            protocols = {mode: dataclasses.asdict(Protocol.of(cfg, mode == "msflip")) for mode in ("ss", "msflip")}
+            bench = {**dataclasses.asdict(cfg.bench), "window": cfg.eval.window, "stride": cfg.eval.stride,
+                     "test_scale": cfg.data.test_scale}
+            key = identity.run_key(tid, list(protocols.values()), fps["validation"]["fingerprint"], bench, device)
+            self.plans.append(Plan(cfg, tid, key, self.opts.run_dir / "configs" / f"{cfg.name}-{tid}", fps,
+                                   protocols, bench, device))
+
+    def _bench_device(self) -> str:
+        """What the benchmark stage will run on: the cluster's GPU type, else this CPU's model."""
+        import ray
+
+        gpus = sorted(k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:"))
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return "GPU " + ",".join(gpus or ["unknown"])
+        return f"CPU {self.facts.get('cpu_model', 'unknown')}"
+
+    def run(self) -> list[dict]:
+        self.tracker = Tracker(self.uri, self.opts.run_dir)
+        # the caller holds the run directory's lock: a RUNNING run recorded for it is a dead process's
+        for run_id in self.tracker.close_stale(self.opts.run_dir):
+            print(f"segrepro: run {run_id} of a process that died was marked KILLED", file=sys.stderr)
+        self.parent = self.tracker.start_parent(self.opts.argv)
+        self.board = StatusBoard([c.name for c in self.cfgs])
+        with interrupt.handling_sigint():
+            with ThreadPoolExecutor(max_workers=len(self.plans)) as pool:
+                futures = [pool.submit(self._run_one, p) for p in self.plans]
+                outcomes = [f.result() for f in futures]
+        if interrupt.requested():
+            self.tracker.kill(self.parent, None)
+            raise interrupt.Interrupted(_resume_hint(self.opts))
+        failed = [o for o in outcomes if o["status"] == "failed"]
+        self.tracker.finish(self.parent, f"{len(failed)} configuration(s) failed" if failed else None)
+        return outcomes
+
+    def _move_aside(self, work: Path) -> None:
+        """--force: the configuration's earlier work is kept under superseded/, not deleted."""
+        if work.exists():
+            dest = self.opts.run_dir / "superseded" / f"{work.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work, dest)
+            self.board.update(work.name.rsplit("-", 1)[0], f"--force: earlier work moved to {dest}")
+
+    def _run_one(self, plan: Plan) -> dict:
+        cfg, work, name = plan.cfg, plan.work, plan.cfg.name
         if not self.opts.force:
-            done = self.tracker.finished_child(cfg)
+            done = self.tracker.finished_child(name, plan.run_key)
             if done:
-                self.board.update(name, f"skipped: finished run {done} has the same config hash")
+                self.board.update(name, f"skipped: finished run {done} has the same training, data and protocols")
                 return {"config": name, "status": "skipped", "run_id": done}
-        elif work.exists():
-            shutil.rmtree(work)
+        else:
+            self._move_aside(work)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts)
+        write_text(work / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts, self._identity_tags(plan))
+        self.tracker.log_dataset(run_id, self.opts.data_root, plan.fingerprints, context="training")
         log = (work / "log.txt").open("a")
 
         def note(text: str) -> None:
@@ -177,19 +243,34 @@ class Reproduction:
 
         try:
             note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id}); encoder init: "
-                 f"{self.init_notes[name]}; precision {cfg.optim.amp}")
-            train = self._train(cfg, work, run_id, note)
-            ss = self._eval(cfg, work, train["checkpoint"], False, note)
-            ms = self._eval(cfg, work, train["checkpoint"], True, note)
-            bench = self._bench(cfg, work, train["checkpoint"], note)
-            self._log_results(run_id, cfg, work, train, ss, ms, bench)
-            note(f"finished: ss mIoU {ss['mIoU']:.2f}, ms+flip mIoU {ms['mIoU']:.2f}, "
+                 f"{self.init_notes[name]}; precision {cfg.optim.amp}; training identity {plan.training_id}")
+            interrupt.check()
+            train = self._train(plan, run_id, note)
+            checkpoint = train["checkpoint"]
+            sha = weights.sha256_file(Path(checkpoint))
+            results = {}
+            for mode in ("ss", "msflip"):
+                interrupt.check()
+                results[mode] = self._eval(plan, checkpoint, sha, mode, note)
+            interrupt.check()
+            bench = self._bench(plan, checkpoint, note)
+            self._log_results(run_id, plan, train, sha, results["ss"], results["msflip"], bench)
+            note(f"finished: ss mIoU {results['ss']['mIoU']:.2f}, ms+flip mIoU {results['msflip']['mIoU']:.2f}, "
                  f"{bench['images_per_s']:.2f} img/s")
             log.close()
             self.tracker.log_artifact(run_id, work / "log.txt")
             self.tracker.finish(run_id)
-            return {"config": name, "status": "finished", "run_id": run_id, "ss": ss["mIoU"], "msflip": ms["mIoU"]}
+            return {"config": name, "status": "finished", "run_id": run_id, "ss": results["ss"]["mIoU"],
+                    "msflip": results["msflip"]["mIoU"]}
         except Exception as e:  # one configuration failing must not stop the others
+            killed = isinstance(e, interrupt.Interrupted) or (
+                not isinstance(e, (InputError, DataError)) and interrupt.wait(2))
+            if killed:
+                last = _last_checkpoint(work)
+                note(f"killed: interrupted; last checkpoint {last or 'none'}")
+                log.close()
+                self.tracker.kill(run_id, last)
+                return {"config": name, "status": "killed", "run_id": run_id, "last_checkpoint": last}
             note(f"failed: {type(e).__name__}: {e}")
             log.write(traceback.format_exc())
             log.close()
@@ -197,11 +278,18 @@ class Reproduction:
             self.tracker.finish(run_id, f"{type(e).__name__}: {e}")
             return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
 
-    def _train(self, cfg: Config, work: Path, run_id: str, note) -> dict:
-        from harness.train.driver import RESULT_FILE, train
+    def _identity_tags(self, plan: Plan) -> dict:
+        fps = plan.fingerprints
+        return {contract.TAG_TRAINING_ID: plan.training_id, contract.TAG_RUN_KEY: plan.run_key,
+                contract.TAG_DATA_ROOT: str(self.opts.data_root), contract.TAG_TRAIN_FINGERPRINT: fps["training"]["fingerprint"],
+                contract.TAG_VAL_FINGERPRINT: fps["validation"]["fingerprint"]}
 
-        done = _read_json(work / "train" / RESULT_FILE)
-        if done and done.get("iterations") == cfg.optim.iterations:
+    def _train(self, plan: Plan, run_id: str, note) -> dict:
+        from harness.train.driver import finished_result, train
+
+        cfg = plan.cfg
+        done = finished_result(plan.work / "train", cfg)
+        if done:
             note("train: finished earlier")
             return done
         note("train: starting")
@@ -217,7 +305,7 @@ class Reproduction:
                 text += f" val mIoU {rec['val/mIoU']:.2f}"
             self.board.update(cfg.name, text)
 
-        return train(cfg, self.opts.data_root, work / "train", workers=self.opts.workers,
+        return train(cfg, self.opts.data_root, plan.work / "train", workers=self.opts.workers,
                      gpus_per_worker=self.opts.gpus_per_worker, address=self.opts.address, resume=True,
                      backbone_weights=self.backbones[cfg.name], tracking_uri=self.uri, mlflow_run_id=run_id,
                      progress_callback=progress)
@@ -229,30 +317,39 @@ class Reproduction:
                               ray.cluster_resources().get("GPU", 0))["eval/bench"]
         return {"num_cpus": ask["CPU"], "num_gpus": ask["GPU"]}
 
-    def _eval(self, cfg: Config, work: Path, checkpoint: str, ms_flip: bool, note) -> dict:
+    def _eval(self, plan: Plan, checkpoint: str, sha: str, mode: str, note) -> dict:
+        """The evaluation result for exactly this checkpoint, protocol and validation split."""
         import ray
 
-        mode = "msflip" if ms_flip else "ss"
-        done = _read_json(work / f"{mode}_metrics.json")
-        if done:
+        key = identity.eval_key(plan.training_id, sha, plan.protocols[mode],
+                                plan.fingerprints["validation"]["fingerprint"])
+        path = plan.work / f"{mode}_metrics.json"
+        done = _read_json(path)
+        if done and done.get("key") == key:
             return done
-        note(f"eval {'ms+flip' if ms_flip else 'ss'}: running")
+        note(f"eval {'ms+flip' if mode == 'msflip' else 'ss'}: running")
         task = ray.remote(**self._resources())(_eval_stage)
-        return ray.get(task.remote(checkpoint, cfg, str(self.opts.data_root), ms_flip, str(work)))
+        result = ray.get(task.remote(checkpoint, plan.cfg, str(self.opts.data_root), mode == "msflip",
+                                     str(plan.work)))
+        result = {**result, "key": key, "checkpoint_sha256": sha}
+        write_json(path, result)
+        return result
 
-    def _bench(self, cfg: Config, work: Path, checkpoint: str, note) -> dict:
+    def _bench(self, plan: Plan, checkpoint: str, note) -> dict:
         import ray
 
-        done = _read_json(work / "bench.json")
-        if done:
+        key = identity.bench_key(plan.training_id, plan.bench, plan.device)
+        path = plan.work / "bench.json"
+        done = _read_json(path)
+        if done and done.get("key") == key:
             return done
         note("bench: running")
         task = ray.remote(**self._resources())(_bench_stage)
-        result = ray.get(task.remote(cfg, checkpoint))
-        write_json(work / "bench.json", result)
+        result = {**ray.get(task.remote(plan.cfg, checkpoint)), "key": key}
+        write_json(path, result)
         return result
 
-    def _log_results(self, run_id: str, cfg: Config, work: Path, train: dict, ss: dict, ms: dict, bench: dict) -> None:
+    def _log_results(self, run_id: str, plan: Plan, train: dict, sha: str, ss: dict, ms: dict, bench: dict) -> None:
         t = self.tracker
         metrics = {}
         for prefix, rec in (("ss", ss), ("msflip", ms)):
@@ -261,22 +358,29 @@ class Reproduction:
         for k in ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                   "params_m", "peak_memory_mb"):
             metrics[f"bench/{k}"] = bench[k]
-        wall = train["wall_time_s"] + ss["seconds"] + ms["seconds"]
-        metrics["wall_time_s"] = wall
+        # every attempt's training time (the driver's ledger) plus the evaluations'
+        metrics["wall_time_s"] = train["wall_time_s"] + ss["seconds"] + ms["seconds"]
         gpus = self.opts.workers * self.opts.gpus_per_worker
         metrics["gpu_hours"] = train["wall_time_s"] * gpus / 3600
-        t.log_metrics(run_id, metrics)
+        t.log_final_metrics(run_id, metrics)
         proto = bench["protocol"]
         params = {f"bench.{k}": proto[k] for k in ("batch_size", "precision", "image_size", "device")}
-        params["train.checkpoint"] = train["checkpoint"]
+        params.update({"train.checkpoint": train["checkpoint"], "train.checkpoint_sha256": sha,
+                       "train.attempts": train.get("attempts", 1)})
         existing = t.client.get_run(run_id).data.params
         t.log_params(run_id, {k: v for k, v in params.items() if k not in existing})
         for f in ("config.yaml", "ss_metrics.json", "ss_per_class.csv", "msflip_metrics.json",
                   "msflip_per_class.csv", "bench.json"):
-            t.log_artifact(run_id, work / f)
+            t.log_artifact(run_id, plan.work / f)
+
+
+def _resume_hint(opts: Options) -> str:
+    argv = " ".join(opts.argv) if opts.argv else f"reproduce --run-dir {opts.run_dir}"
+    return f"interrupted; every finished stage is kept: rerun `segrepro {argv}` to resume"
 
 
 def reproduce(opts: Options) -> tuple[list[dict], str]:
+    """Run the reproduction; the caller holds ``opts.run_dir``'s lock (``harness.lock.RunLock``)."""
     rep = Reproduction(opts)
     rep.validate()
     return rep.run(), rep.uri

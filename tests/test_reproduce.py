@@ -33,8 +33,9 @@ def env(tmp_path_factory, tiny_experiments):
         # long enough after its first checkpoint that a kill lands mid-training
         "tiny_long": TINY_PROFILE.replace("ITERS", "120").replace("CKPT", "30").replace("LOG", "10")})
     synthesize(root / "data", train=8, val=2, size=(64, 80), classes=4, seed=0)
+    synthesize(root / "other", train=8, val=2, size=(64, 80), classes=4, seed=1)
     environ = {**os.environ, "SEGREPRO_EXPERIMENTS": str(exp), "RAY_AUTH_MODE": "disabled"}
-    return {"root": root, "data": root / "data", "env": environ}
+    return {"root": root, "data": root / "data", "other": root / "other", "exp": exp, "env": environ}
 
 
 def _segrepro(env, *args, **kw):
@@ -48,6 +49,15 @@ def _runs(uri):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("segrepro")
     return client, client.search_runs([exp.experiment_id], filter_string="tags.`segrepro.kind` = 'config'")
+
+
+def _parents(uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("segrepro")
+    return client.search_runs([exp.experiment_id], filter_string="tags.`segrepro.kind` = 'reproduce'",
+                              order_by=["attributes.start_time ASC"])
 
 
 def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
@@ -73,21 +83,117 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert [o["status"] for o in out["outcomes"]] == ["finished"]
+    # the dead process's parent run was closed as KILLED when the rerun took the run directory
+    first, second = _parents(uri)
+    assert (first.info.status, first.data.tags["segrepro.status"]) == ("KILLED", "killed")
+    assert second.info.status == "FINISHED"
     client, (child2,) = _runs(uri)
     assert child2.info.run_id == child.info.run_id  # the interrupted run continued, curves and all
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
     assert max(steps) == 120
     # resumed from a checkpoint, not from zero: the first logged iteration appears once
     assert steps.count(min(steps)) == 1
-    for key in ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s"):
-        assert key in child2.data.metrics
+    final = ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s", "gpu_hours")
+    for key in final:
+        assert len(client.get_metric_history(child.info.run_id, key)) == 1, key
+    # wall time counts both attempts of training (the driver's ledger) and the evaluations
+    (work,) = run_dir.glob("configs/tiny_test-*")
+    train = json.loads((work / "train" / "train_result.json").read_text())
+    evals = sum(json.loads((work / f"{m}_metrics.json").read_text())["seconds"] for m in ("ss", "msflip"))
+    assert train["attempts"] == 2
+    assert child2.data.metrics["wall_time_s"] == pytest.approx(train["wall_time_s"] + evals)
     assert (run_dir / "report" / "report.html").is_file()
 
-    start = time.time()
-    again = _segrepro(env, *args, "--json")
+    # a description changes no weight: the finished run is found again and skipped
+    zoo = env["exp"] / "zoo" / "tiny_test.yaml"
+    original = zoo.read_text()
+    zoo.write_text(original.replace('description: "', 'description: "typo fixed: ', 1))
+    try:
+        start = time.time()
+        again = _segrepro(env, *args, "--json")
+    finally:
+        zoo.write_text(original)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [o["status"] for o in json.loads(again.stdout)["outcomes"]] == ["skipped"]
     assert time.time() - start < 60
+
+
+def _wait_for(predicate, proc, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}"
+        assert time.time() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.3)
+
+
+def test_a_live_run_is_never_shared_and_ctrl_c_stops_it(env):
+    """A second reproduce and a --force on a live run directory are refused at once; SIGINT ends
+    the live one within seconds with its runs KILLED; a rerun on other data trains apart."""
+    import psutil
+
+    run_dir = env["root"] / "live"
+    args = ["reproduce", "--configs", "tiny_test", "--profile", "tiny_long", "--data-root", str(env["data"]),
+            "--run-dir", str(run_dir)]
+    log = open(env["root"] / "live.stderr", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env["env"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        _wait_for(lambda: "train 10/120" in Path(log.name).read_text(), proc, 240, "training progress")
+        for extra in ([], ["--force"]):
+            start = time.time()
+            res = _segrepro(env, *args, *extra)
+            assert time.time() - start < 10
+            assert res.returncode == 2, res.stderr[-2000:]
+            (line,) = [l for l in res.stderr.splitlines() if l.startswith("segrepro: error")]
+            assert f"PID {proc.pid} on {socket.gethostname()}" in line, line
+        (work,) = run_dir.glob("configs/tiny_test-*")
+        assert (work / "train").is_dir()  # --force moved nothing of the live run
+
+        # what a terminal's Ctrl-C does: SIGINT to the whole foreground process group
+        start = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+        assert time.time() - start < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.seek(0)
+    stderr = log.read()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "rerun `segrepro reproduce" in stderr.splitlines()[-1], stderr[-2000:]
+    # nothing of the run outlives it: Ray's processes of that session are gone
+    time.sleep(2)
+    left = [p for p in psutil.process_iter(["pid"]) if _session(p) == proc.pid]
+    assert not left, [p.cmdline() for p in left]
+    uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    client, (child,) = _runs(uri)
+    assert (child.info.status, child.data.tags["segrepro.status"]) == ("KILLED", "killed")
+    (parent,) = _parents(uri)
+    assert parent.info.status == "KILLED"
+
+    # other data under the same run directory: a run of its own, from iteration 0
+    res = _segrepro(env, "reproduce", "--configs", "tiny_test", "--profile", "tiny", "--data-root", str(env["other"]),
+                    "--run-dir", str(run_dir), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (outcome,) = json.loads(res.stdout)["outcomes"]
+    assert outcome["status"] == "finished" and outcome["run_id"] != child.info.run_id
+    new = client.get_run(outcome["run_id"])
+    assert new.data.tags["segrepro.data_root"] == str(env["other"].resolve())
+    assert new.data.tags["segrepro.training_id"] != child.data.tags["segrepro.training_id"]
+    assert min(m.step for m in client.get_metric_history(new.info.run_id, "train/loss")) == 2
+    assert len(new.inputs.dataset_inputs) >= 1  # the data shows in MLflow's UI as the run's dataset
+    assert client.get_run(child.info.run_id).info.status == "KILLED"  # the first run's work is untouched
+    assert len(list(run_dir.glob("configs/tiny_test-*"))) == 2
+
+
+def _session(proc) -> int | None:
+    import psutil
+
+    try:
+        return os.getsid(proc.pid)
+    except (ProcessLookupError, psutil.Error):
+        return None
 
 
 def test_bad_input_is_refused_before_any_work(env, tmp_path):
