@@ -23,7 +23,7 @@ import yaml
 from harness import weights
 from harness.atomic import write_json
 from harness.config import Config, InputError, load_config, zoo_names
-from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
+from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight
 from harness.tracking import Tracker, default_tracking_uri
 
 SEED_CONFIGS = ("seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask")
@@ -90,19 +90,6 @@ class StatusBoard:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _eval_stage(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str) -> dict:
-    from harness.evaluate import run_eval
-
-    return run_eval(checkpoint, cfg, data_root, ms_flip, None, 1, out_dir, progress=False)
-
-
-def _bench_stage(cfg: Config, checkpoint: str) -> dict:
-    from harness.benchmark import benchmark
-
-    b = cfg.bench
-    return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats)
 
 
 class Reproduction:
@@ -222,33 +209,24 @@ class Reproduction:
                      backbone_weights=self.backbones[cfg.name], tracking_uri=self.uri, mlflow_run_id=run_id,
                      progress_callback=progress)
 
-    def _resources(self) -> dict:
-        import ray
-
-        ask = stage_resources(self.opts.workers, self.opts.gpus_per_worker,
-                              ray.cluster_resources().get("GPU", 0))["eval/bench"]
-        return {"num_cpus": ask["CPU"], "num_gpus": ask["GPU"]}
-
     def _eval(self, cfg: Config, work: Path, checkpoint: str, ms_flip: bool, note) -> dict:
-        import ray
+        from harness.stages import run_eval
 
         mode = "msflip" if ms_flip else "ss"
         done = _read_json(work / f"{mode}_metrics.json")
         if done:
             return done
         note(f"eval {'ms+flip' if ms_flip else 'ss'}: running")
-        task = ray.remote(**self._resources())(_eval_stage)
-        return ray.get(task.remote(checkpoint, cfg, str(self.opts.data_root), ms_flip, str(work)))
+        return run_eval(checkpoint, cfg, str(self.opts.data_root), ms_flip, str(work))
 
     def _bench(self, cfg: Config, work: Path, checkpoint: str, note) -> dict:
-        import ray
+        from harness.stages import run_bench
 
         done = _read_json(work / "bench.json")
         if done:
             return done
-        note("bench: running")
-        task = ray.remote(**self._resources())(_bench_stage)
-        result = ray.get(task.remote(cfg, checkpoint))
+        note("bench: waiting for its node to be free, then running alone")
+        result = run_bench(cfg, checkpoint)
         write_json(work / "bench.json", result)
         return result
 
