@@ -3,11 +3,15 @@ evaluation of an ADE-sized image, FLOPs, parameters, peak memory, and the device
 
 Protocol as timm's ``benchmark.py`` and MMSegmentation's ``tools/analysis_tools/benchmark.py``:
 ``cudnn.benchmark`` on, warm-up runs discarded, every run timed on its own with the device
-synchronised, the median reported. Every figure carries the protocol that produced it.
+synchronised, the median reported. Every figure carries the protocol that produced it,
+including the torch threads used and any concurrent load seen while timing: CPU time other
+processes on the machine used meanwhile, the 1-minute load average, and other processes holding
+a context on the GPU, summed up in a verdict (``concurrent_load``: "none detected", or what was seen).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import statistics
 import time
@@ -22,6 +26,10 @@ from harness.models import build_model, count_parameters, load_checkpoint
 from kernels.device import device_facts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# other processes' CPU use below this many cores on average is background (Ray's daemons, the
+# system's), not load that could move a figure
+LOAD_THRESHOLD_CORES = 0.2
+BUSIEST_SHOWN = 3
 
 
 def _sync(device: torch.device) -> None:
@@ -60,6 +68,87 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
+def _cpu_seconds() -> dict[tuple[int, int], tuple[str, float]] | None:
+    """(pid, start time) -> (name, CPU seconds used so far) of every process in /proc, which
+    are those of this machine (or container) that could compete for its cores; None without
+    /proc. The start time tells a reused pid apart."""
+    if not os.path.isdir("/proc"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # ended since the listing
+            continue
+        # the name is in parentheses and may hold spaces or parentheses itself
+        end = stat.rindex(b")")
+        fields = stat[end + 2:].split()  # fields[0] is proc(5)'s field 3
+        out[(int(entry.name), int(fields[19]))] = (stat[stat.index(b"(") + 1:end].decode(errors="replace"),
+                                                   (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _other_gpu_processes(device: torch.device) -> int | None:
+    """Processes other than this one holding a context on ``device`` (busy or idle: NVML does not
+    tell them apart portably); None where NVML cannot say."""
+    import pynvml
+
+    from kernels.device import nvml_index
+
+    try:
+        index = nvml_index(device.index or 0)
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            pids = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+        finally:
+            pynvml.nvmlShutdown()
+    except (ValueError, pynvml.NVMLError):  # a MIG device, no NVML
+        return None
+    # in a container NVML gives the host's pids: this process is then among them under another
+    return len(pids - {os.getpid()}) if os.getpid() in pids else max(len(pids) - 1, 0)
+
+
+@contextlib.contextmanager
+def concurrent_load(device: torch.device):
+    """Yields a dict that holds, once the block has run, what else used the machine meanwhile:
+    ``from``/``to`` (epoch seconds), ``other_cpu_s`` and ``other_cores`` (CPU time of every
+    other process, and that over the wall time; a process that ended within the block is not
+    seen), the ``busiest`` of them, ``loadavg_1m`` at the end and, on a GPU,
+    ``gpu_other_processes`` at the end."""
+    load = {}
+    before, start = _cpu_seconds(), time.time()
+    yield load
+    end, after = time.time(), _cpu_seconds()
+    load.update({"from": start, "to": end, "other_cpu_s": None, "other_cores": None, "busiest": []})
+    if before is not None and after is not None:
+        used = sorted(((cpu - before.get(key, ("", 0.0))[1], name, key[0]) for key, (name, cpu) in after.items()
+                       if key[0] != os.getpid()), reverse=True)
+        load["other_cpu_s"] = sum(u[0] for u in used)
+        load["other_cores"] = load["other_cpu_s"] / (end - start)
+        load["busiest"] = [{"process": name, "pid": pid, "cpu_s": cpu}
+                           for cpu, name, pid in used[:BUSIEST_SHOWN] if cpu > 0]
+    load["loadavg_1m"] = os.getloadavg()[0]
+    load["gpu_other_processes"] = _other_gpu_processes(device) if device.type == "cuda" else None
+
+
+def load_verdict(load: dict) -> str:
+    """"none detected", or a short description of the concurrent load in ``load``."""
+    seen = []
+    if load["other_cores"] is None:
+        seen.append("CPU use of other processes not measured (no /proc)")
+    elif load["other_cores"] >= LOAD_THRESHOLD_CORES:
+        busiest = ", ".join(f"{p['process']} (pid {p['pid']}) {p['cpu_s']:.2f} CPU-s" for p in load["busiest"])
+        seen.append(f"other processes used {load['other_cores']:.2f} cores on average: {busiest}")
+    if load["gpu_other_processes"]:
+        seen.append(f"{load['gpu_other_processes']} other process(es) holding a context on the GPU")
+    return "; ".join(seen) or "none detected"
+
+
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -87,7 +176,7 @@ def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, i
     # an ADE20K-sized image at the test scale (ADE20K images are mostly 4:3 landscape)
     ade = torch.randn(1, 3, cfg.data.test_scale, round(cfg.data.test_scale * 4 / 3), device=device_t)
 
-    with torch.no_grad(), _autocast(device_t, precision):
+    with torch.no_grad(), _autocast(device_t, precision), concurrent_load(device_t) as load:
         forward = time_runs(lambda: model(x), device_t, warmup, repeats)
         slide = time_runs(lambda: slide_inference(model, [ade], [False], tuple(ade.shape[-2:]), cfg.eval.window,
                                                   cfg.eval.stride, cfg.eval.batch_size, cfg.eval.small_views),
@@ -103,7 +192,9 @@ def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, i
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device_t.type == "cuda" else None,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32 if device_t.type == "cuda" else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark if device_t.type == "cuda" else None,
-        "cpu_threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
+        "load": load,
+        "concurrent_load": load_verdict(load),
     }
     return {
         "config": cfg.name,
@@ -132,7 +223,8 @@ def format_result(r: dict) -> str:
         f"  {r['gflops']:.1f} GFLOPs per image, {r['params_m']:.2f} M parameters, "
         f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
         f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
-        f"TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, CPU threads {p['cpu_threads']}",
+        f"TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, threads {p['threads']}",
+        f"  concurrent load while timing: {p['concurrent_load']} (1-min load average {p['load']['loadavg_1m']:.2f})",
     ]
     facts = r["device_facts"]
     lines.append("  " + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None))

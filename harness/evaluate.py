@@ -130,8 +130,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     MMSeg or PaddleViT one whose config is elsewhere) on the validation split of ``data_root``
     with ``cfg``'s protocol.
 
-    ``workers > 1`` shards the split over Ray tasks (one GPU each where there are GPUs), each
-    accumulating its own matrix; the matrices are merged once.
+    ``workers > 1`` shards the split over Ray tasks (``harness.stages``: one evaluation's
+    resources each), each accumulating its own matrix; the matrices are merged once.
     """
     protocol = Protocol.of(cfg, ms_flip)
     dataset = ADE20K(data_root, "validation")
@@ -140,17 +140,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     if workers <= 1:
         return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config), protocol,
                 len(dataset))
-    import ray
-
     from harness.raylib import ensure_ray
+    from harness.stages import run_eval_shards
 
     ensure_ray(ray_address)
-    use_gpu = torch.cuda.is_available()
-    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_evaluate_shard)
-    refs = [task.remote(str(checkpoint), cfg, protocol, dataset.shard(r, workers), False, source_config)
-            for r in range(workers)]
+    shards = [dataset.shard(r, workers) for r in range(workers)]
     total = ConfusionMatrix(cfg.model.n_cls)
-    for cm in ray.get(refs):
+    for cm in run_eval_shards(str(checkpoint), cfg, protocol, shards, source_config):
         total.merge(cm)
     return total, protocol, len(dataset)
 

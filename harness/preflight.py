@@ -13,7 +13,7 @@ the first failure; ``reproduce --preflight`` runs them all and reports each):
 - ``tracking``: the MLflow store answers a query;
 - ``ray``: the cluster answers;
 - ``run directory``: writable here and visible from every alive Ray node (one probe task each);
-- ``resources``: the cluster has what each stage asks for.
+- ``resources``: the cluster has what each stage asks for (``harness.stages.policy``).
 
 Then, per configuration (preflight only), a measurement in a Ray task holding one training
 worker's resources: a few iterations at the configuration's crop, per-worker batch and
@@ -33,10 +33,14 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.atomic import write_json
 from harness.config import Config, InputError
 from harness.tracking import check_tracking_uri
+
+if TYPE_CHECKING:
+    from harness.stages import Policy
 
 CHEAP = ("weights", "data layout", "tracking", "ray", "run directory", "resources")
 MEASURED_ITERATIONS = 3
@@ -185,24 +189,22 @@ def _run_directory(t: Target) -> str:
         shutil.rmtree(probe_dir, ignore_errors=True)
 
 
-def stage_resources(workers: int, gpus_per_worker: float, cluster_gpus: float) -> dict:
-    """What each stage asks Ray for: training ``workers`` x (1 CPU + G GPU); evaluation and
-    benchmark 1 CPU + 1 GPU where the cluster has GPUs."""
-    return {"train": {"CPU": workers, "GPU": workers * gpus_per_worker},
-            "eval/bench": {"CPU": 1, "GPU": 1 if cluster_gpus > 0 else 0}}
-
-
 def _resources(t: Target) -> str:
     import ray
 
+    from harness.stages import policy
+
     have = ray.cluster_resources()
-    asks = stage_resources(t.workers, t.gpus_per_worker, have.get("GPU", 0))
-    short = [f"{stage} asks {need:g} {kind}, the cluster has {have.get(kind, 0):g}"
-             for stage, ask in asks.items() for kind, need in ask.items() if need > have.get(kind, 0)]
+    p = policy(gpus_per_worker=t.gpus_per_worker)
+    # evaluation and the benchmark fit a node by the policy's choice; the training workers together
+    # must fit the cluster
+    train = {"CPU": t.workers * p.train.cpus, "GPU": t.workers * p.train.gpus}
+    short = [f"train asks {need:g} {kind}, the cluster has {have.get(kind, 0):g}"
+             for kind, need in train.items() if need > have.get(kind, 0)]
     if short:
         raise InputError(f"--workers {t.workers} --gpus-per-worker {t.gpus_per_worker:g}: {'; '.join(short)}")
-    return "; ".join(f"{stage} {ask['CPU']:g} CPU + {ask['GPU']:g} GPU" for stage, ask in asks.items()) + \
-        f" of {have.get('CPU', 0):g} CPU + {have.get('GPU', 0):g} GPU"
+    return (f"train {t.workers} x ({p.train.describe()}); eval {p.eval.describe()}; bench {p.bench.describe()} "
+            f"(all its CPUs, alone) of {have.get('CPU', 0):g} CPU + {have.get('GPU', 0):g} GPU")
 
 
 CHECKS = {"weights": _weights, "data layout": _data_layout, "tracking": _tracking, "ray": _ray,
@@ -297,13 +299,14 @@ def measure(cfg: Config, data_root: str, workers: int, iterations: int = MEASURE
 
 
 def project(m: dict, cfg: Config, workers: int, gpus_per_worker: float, val_images: int,
-            cluster_gpus: float) -> dict:
+            eval_gpus: float) -> dict:
     """The full schedule's wall time and GPU-hours from one worker's measurement ``m``.
 
     iteration = max(step, loader per batch / loader processes) (step + loader without loader
     processes); training = iterations x iteration; evaluations during training = one every
     eval_interval and at the end, single-scale over the validation split sharded over the
-    training workers; final = ss + ms+flip over the validation split on one device.
+    training workers; final = ss + ms+flip over the validation split in one evaluation task
+    (holding ``eval_gpus``).
     """
     o = cfg.optim
     procs = m["loader_processes"]
@@ -313,7 +316,6 @@ def project(m: dict, cfg: Config, workers: int, gpus_per_worker: float, val_imag
     val_evals = math.ceil(o.iterations / o.eval_interval)
     val_s = val_evals * math.ceil(val_images / workers) * m["eval_ss_s"]
     final_s = val_images * (m["eval_ss_s"] + m["eval_msflip_s"])
-    eval_gpus = 1 if cluster_gpus > 0 else 0
     gpu_s = (train_s + val_s) * workers * gpus_per_worker + final_s * eval_gpus
     return {"loader_s_per_iteration": loader_it, "iteration_s": it_s,
             "loader_bound": loader_it > m["step_s"], "train_s": train_s, "val_evals": val_evals,
@@ -321,14 +323,14 @@ def project(m: dict, cfg: Config, workers: int, gpus_per_worker: float, val_imag
             "gpu_hours": gpu_s / 3600}
 
 
-def _measure_one(t: Target, cfg: Config, iterations: int, cluster_gpus: float, val_images: int) -> dict:
+def _measure_one(t: Target, cfg: Config, iterations: int, plan: Policy, val_images: int) -> dict:
     import ray
 
     # a fresh process per configuration (max_calls=1): its peak RSS is this measurement's
-    task = ray.remote(num_cpus=1, num_gpus=t.gpus_per_worker, max_calls=1, max_retries=0)(measure)
+    task = ray.remote(max_calls=1, max_retries=0)(measure).options(**plan.train.options())
     m = ray.get(task.remote(cfg, str(t.data_root), t.workers, iterations))
-    return {"config": cfg.name, "measured": m,
-            "projection": project(m, cfg, t.workers, t.gpus_per_worker, val_images, cluster_gpus)}
+    return {"config": cfg.name, "measured": m, "held": plan.train.describe(),
+            "projection": project(m, cfg, t.workers, t.gpus_per_worker, val_images, plan.eval.gpus)}
 
 
 # ---------------------------------------------------------------- the whole preflight
@@ -363,11 +365,17 @@ def run_preflight(t: Target, iterations: int = MEASURED_ITERATIONS, progress: bo
         import ray
 
         from harness.data import ADE20K
+        from harness.stages import policy
 
         cluster_gpus = ray.cluster_resources().get("GPU", 0)
         if t.gpus_per_worker > cluster_gpus:
             measurable = False
             reason = f"not measured: one worker asks {t.gpus_per_worker:g} GPU, the cluster has {cluster_gpus:g}"
+        else:
+            try:
+                plan = policy(gpus_per_worker=t.gpus_per_worker)
+            except InputError as e:
+                measurable, reason = False, f"not measured: {e}"
         val_images = len(ADE20K(t.data_root, "validation"))
     else:
         reason = "not measured: " + ("the data check failed" if status["data full check"] != "pass"
@@ -380,7 +388,7 @@ def run_preflight(t: Target, iterations: int = MEASURED_ITERATIONS, progress: bo
             print(f"preflight: {cfg.name}: {iterations} iteration(s) after a warm-up, then one image ss and "
                   f"ms+flip", file=sys.stderr, flush=True)
         try:
-            configs.append(_measure_one(t, cfg, iterations, cluster_gpus, val_images))
+            configs.append(_measure_one(t, cfg, iterations, plan, val_images))
         except Exception as e:  # a configuration that cannot train here (memory, kernels) fails its row
             cause = getattr(e, "cause", None) or e  # a RayTaskError carries the task's exception
             line = (str(cause).strip().splitlines() or [""])[0]
@@ -428,12 +436,12 @@ def format_report(r: dict) -> str:
     lines += errors
     measured = [c for c in r["configs"] if "measured" in c]
     if measured:
-        m = measured[0]["measured"]
+        m, held = measured[0]["measured"], measured[0]["held"]
         lines += [
             "",
             f"total, configurations one after another: {_duration(r['total']['wall_s'])}, "
             f"{r['total']['gpu_hours']:.1f} GPU-h on {r['workers']} worker(s) x {r['gpus_per_worker']:g} GPU",
-            f"measured on one worker (a Ray task with 1 CPU + {r['gpus_per_worker']:g} GPU, {m['cpu_threads']} CPU "
+            f"measured on one worker (a Ray task with {held}, {m['cpu_threads']} CPU "
             f"thread(s)): mean of {m['iterations']} iteration(s) after one warm-up; loader s/it = one process's "
             "seconds per batch / the config's loader processes ('bound': slower than the step); step = forward, "
             f"loss, backward, update; peak MB = {m['peak_memory_kind']} while training; ss and ms+flip = one "

@@ -29,7 +29,7 @@ from harness import contract, identity, interrupt, weights
 from harness.atomic import write_json, write_text
 from harness.config import Config, InputError, load_config, zoo_names
 from harness.data import DataError
-from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight, stage_resources
+from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight
 from harness.tracking import Tracker, default_tracking_uri
 
 SEED_CONFIGS = ("seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask")
@@ -96,19 +96,6 @@ class StatusBoard:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _eval_stage(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str) -> dict:
-    from harness.evaluate import run_eval
-
-    return run_eval(checkpoint, cfg, data_root, ms_flip, None, 1, out_dir, progress=False)
-
-
-def _bench_stage(cfg: Config, checkpoint: str) -> dict:
-    from harness.benchmark import benchmark
-
-    b = cfg.bench
-    return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats)
 
 
 @dataclass
@@ -310,16 +297,9 @@ class Reproduction:
                      backbone_weights=self.backbones[cfg.name], tracking_uri=self.uri, mlflow_run_id=run_id,
                      progress_callback=progress)
 
-    def _resources(self) -> dict:
-        import ray
-
-        ask = stage_resources(self.opts.workers, self.opts.gpus_per_worker,
-                              ray.cluster_resources().get("GPU", 0))["eval/bench"]
-        return {"num_cpus": ask["CPU"], "num_gpus": ask["GPU"]}
-
     def _eval(self, plan: Plan, checkpoint: str, sha: str, mode: str, note) -> dict:
         """The evaluation result for exactly this checkpoint, protocol and validation split."""
-        import ray
+        from harness.stages import run_eval
 
         key = identity.eval_key(plan.training_id, sha, plan.protocols[mode],
                                 plan.fingerprints["validation"]["fingerprint"])
@@ -328,24 +308,21 @@ class Reproduction:
         if done and done.get("key") == key:
             return done
         note(f"eval {'ms+flip' if mode == 'msflip' else 'ss'}: running")
-        task = ray.remote(**self._resources())(_eval_stage)
-        result = ray.get(task.remote(checkpoint, plan.cfg, str(self.opts.data_root), mode == "msflip",
-                                     str(plan.work)))
+        result = run_eval(checkpoint, plan.cfg, str(self.opts.data_root), mode == "msflip", str(plan.work))
         result = {**result, "key": key, "checkpoint_sha256": sha}
         write_json(path, result)
         return result
 
     def _bench(self, plan: Plan, checkpoint: str, note) -> dict:
-        import ray
+        from harness.stages import run_bench
 
         key = identity.bench_key(plan.training_id, plan.bench, plan.device)
         path = plan.work / "bench.json"
         done = _read_json(path)
         if done and done.get("key") == key:
             return done
-        note("bench: running")
-        task = ray.remote(**self._resources())(_bench_stage)
-        result = {**ray.get(task.remote(plan.cfg, checkpoint)), "key": key}
+        note("bench: waiting for its node to be free, then running alone")
+        result = {**run_bench(plan.cfg, checkpoint), "key": key}
         write_json(path, result)
         return result
 

@@ -125,6 +125,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     from ray.util.queue import Queue
 
     from harness.raylib import ensure_ray
+    from harness.stages import policy
 
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
@@ -147,7 +148,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     drainer = threading.Thread(target=_drain, args=(queue, stop, progress_callback or _print_progress), daemon=True)
     drainer.start()
     use_gpu = gpus_per_worker > 0
-    resources = {"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})}
+    resources = policy(gpus_per_worker=gpus_per_worker).train.bundle()
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"cfg": cfg, "data_root": str(Path(data_root).resolve()), "queue": queue,
