@@ -283,9 +283,25 @@ def _zoo_model_dims():
 
 
 def cmd_kernels_profile(args: argparse.Namespace) -> int:
+    from harness.atomic import write_text
     from kernels import profile
 
-    return profile.run(args, _zoo_model_dims())
+    tracker = None
+    if args.tracking_uri:  # checked before the sweep, which may take long
+        from harness.tracking import Tracker
+
+        tracker = Tracker(args.tracking_uri)
+    try:
+        result = profile.measure(args, _zoo_model_dims())
+    except profile.ProfileError as e:
+        raise InputError(f"kernels profile: {e}") from None
+    table = profile.csv_text(result.rows)
+    csv_path = write_text(args.out / profile.CSV_NAME[result.kind], table) if args.out is not None else None
+    if tracker is not None:
+        tracker.log_kernel_profile(result.kind, result.facts, result.rows, table,
+                                   {"shapes": args.shapes, "dtype": args.dtype or "default"})
+    profile.show(result, args.json, csv_path)
+    return 0 if result.passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
