@@ -129,11 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.eval.protocol}"
     tracker = None
     if args.run_dir or args.tracking_uri:
-        from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
+        from harness.tracking import Tracker, default_tracking_uri
 
-        uri = args.tracking_uri or default_tracking_uri(args.run_dir)
-        check_tracking_uri(uri)
-        tracker = Tracker(uri, args.run_dir or ".")
+        tracker = Tracker(args.tracking_uri or default_tracking_uri(args.run_dir), args.run_dir)
     try:
         record = run_eval(args.checkpoint, cfg, args.data_root, args.ms_flip, args.limit, args.workers, out,
                           progress=not args.json, source_config=args.source_config)

@@ -21,7 +21,10 @@ Runs, by the ``segrepro.kind`` tag:
 Every run carries ``segrepro.pid`` and ``segrepro.host`` (who wrote it last), and
 ``segrepro.run_dir`` where the writer has a run directory; ``segrepro.status`` is running,
 finished, failed or killed (a run whose process died, closed by the next one in its run
-directory).
+directory; ``segrepro.last_checkpoint`` says how far it got). The reproduce driver finds its
+work again by ``segrepro.training_id``, ``segrepro.run_key``, ``segrepro.eval_key`` and
+``segrepro.bench_key``, and records the data it read as ``segrepro.data_root`` and the
+fingerprint of each split (``segrepro.train_fingerprint``, ``segrepro.val_fingerprint``).
 """
 from __future__ import annotations
 
@@ -96,6 +99,7 @@ KERNELS_KIND_PARAM = "kind"        # "gpu" or "check" on a kernels run
 TRAIN, VAL, SS, MSFLIP, BENCH = "train", "val", "ss", "msflip", "bench"
 MIOU, MACC, AACC = "mIoU", "mAcc", "aAcc"
 EVAL_FIGURES = (MIOU, MACC, AACC)
+IMAGES = "images"                  # MODE/images: how many images an evaluation saw
 # harness.benchmark's figures, each logged as bench/FIGURE
 BENCH_FIGURES = ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                  "params_m", "peak_memory_mb")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import socket
 import subprocess
@@ -22,8 +23,8 @@ from pathlib import Path
 from harness.atomic import write_text
 from harness.config import Config, InputError
 from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, CONFIG_HASH, DATA_ROOT,
-                              DEVICE_PREFIX, ERROR, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
-                              GIT_COMMIT_PARAM, HOST, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
+                              DEVICE_PREFIX, ERROR, EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
+                              GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
                               KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
                               LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
                               PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, SOURCE, STAGE, STAGE_TRAIN, STATUS,
@@ -100,10 +101,10 @@ def _metric_batch(metrics: dict, step: int) -> list:
 
 
 class Tracker:
-    """The driver's handle on the store; thread-safe (MlflowClient calls with explicit run ids).
-
-    ``run_dir``, where given, is tagged on every run created here (``close_stale`` finds them
-    by it)."""
+    """Every writer's handle on the store (reproduce, train, eval, kernels profile); thread-safe
+    (MlflowClient calls with explicit run ids). Construction checks the store (see
+    ``check_tracking_uri``) and creates the experiment if needed. ``run_dir``, where given, is
+    tagged on every run created here: ``close_stale`` finds them by it."""
 
     def __init__(self, uri: str, run_dir: str | Path | None = None):
         from mlflow import MlflowClient
@@ -240,7 +241,7 @@ class Tracker:
         self.log_params(run_id, {**flatten(cfg.to_dict()), **flatten(protocol, PROTOCOL_PREFIX),
                                  NORMALIZATION_USED: record["normalization"], GIT_COMMIT_PARAM: git_commit(),
                                  **package_versions()})
-        self.log_metrics(run_id, {metric(mode, k): record[k] for k in ("mIoU", "mAcc", "aAcc", "images")})
+        self.log_metrics(run_id, {metric(mode, k): record[k] for k in (*EVAL_FIGURES, IMAGES)})
         self.finish(run_id)
         return run_id
 
@@ -254,7 +255,7 @@ class Tracker:
         for r in rows:
             if kind == "check":
                 # a NaN error (a broken kernel) stays in the CSV; checks_failed counts it
-                if r["max_abs_err"] == r["max_abs_err"]:
+                if not math.isnan(r["max_abs_err"]):
                     metrics[kernel_metric(r["shape"], r["dtype"], r["output"], "max_abs_err")] = r["max_abs_err"]
             elif r["ms"] is not None:
                 key = (r["shape"], r["impl"], r["direction"])

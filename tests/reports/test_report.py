@@ -165,7 +165,8 @@ def test_kernels_view_uses_the_median(store, report):
 def test_kernel_check_view_shows_what_the_interpreter_check_logged(store, report, markdown):
     rows = report[1]["kernel_check"]
     check = store.check_rows
-    assert [(r["shape"], r["dtype"], r["output"]) for r in rows] == [(r["shape"], r["dtype"], r["output"]) for r in check]
+    key = ("shape", "dtype", "output")
+    assert [tuple(r[k] for k in key) for r in rows] == [tuple(r[k] for k in key) for r in check]
     assert [r["max abs error"] for r in rows] == pytest.approx([r["max_abs_err"] for r in check], rel=1e-6)
     assert [r["limit"] for r in rows] == pytest.approx([r["limit"] for r in check])
     assert {r["result"] for r in rows} == {"pass"}
