@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -56,7 +55,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     block ends without an exception (the old directory is removed only after the swap)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    # a fresh name made here, so the directory gets the usual permissions (not mkdtemp's 0700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

@@ -130,11 +130,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.eval.protocol}"
     tracker = None
     if args.run_dir or args.tracking_uri:
-        from harness.tracking import Tracker, check_tracking_uri, default_tracking_uri
+        from harness.tracking import Tracker, default_tracking_uri
 
-        uri = args.tracking_uri or default_tracking_uri(args.run_dir)
-        check_tracking_uri(uri)
-        tracker = Tracker(uri, args.run_dir or ".")
+        tracker = Tracker(args.tracking_uri or default_tracking_uri(args.run_dir), args.run_dir)
     try:
         record = run_eval(args.checkpoint, cfg, args.data_root, args.ms_flip, args.limit, args.workers, out,
                           progress=not args.json, source_config=args.source_config)
@@ -286,9 +284,25 @@ def _zoo_model_dims():
 
 
 def cmd_kernels_profile(args: argparse.Namespace) -> int:
+    from harness.atomic import write_text
     from kernels import profile
 
-    return profile.run(args, _zoo_model_dims())
+    tracker = None
+    if args.tracking_uri:  # checked before the sweep, which may take long
+        from harness.tracking import Tracker
+
+        tracker = Tracker(args.tracking_uri)
+    try:
+        result = profile.measure(args, _zoo_model_dims())
+    except profile.ProfileError as e:
+        raise InputError(f"kernels profile: {e}") from None
+    table = profile.csv_text(result.rows)
+    csv_path = write_text(args.out / profile.CSV_NAME[result.kind], table) if args.out is not None else None
+    if tracker is not None:
+        tracker.log_kernel_profile(result.kind, result.facts, result.rows, table,
+                                   {"shapes": args.shapes, "dtype": args.dtype or "default"})
+    profile.show(result, args.json, csv_path)
+    return 0 if result.passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

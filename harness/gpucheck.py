@@ -48,7 +48,7 @@ from harness.train.driver import train
 from harness.train.loop import KILL_ENV, TRACE_ENV, format_progress, train_loop
 from harness.train.session import LocalSession
 from kernels.device import device_facts
-from kernels.profile import CSV_NAME, ZOO_BATCHES, ZOO_IMAGE_SIZES, profile_gpu, write_csv, zoo_shapes
+from kernels.profile import CSV_NAME, ZOO_BATCHES, ZOO_IMAGE_SIZES, csv_text, profile_gpu, zoo_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("runs") / "gpu-check"
@@ -241,7 +241,7 @@ def _profile(rec: StepRecord, out_dir: Path, quick: bool) -> None:
     batches, sizes = QUICK_PROFILE if quick else (ZOO_BATCHES, ZOO_IMAGE_SIZES)
     used_by = zoo_shapes(_zoo_model_dims(), batches, sizes)
     rows, facts = profile_gpu(list(used_by), torch.float16, used_by, progress=sys.stdout)
-    csv_path = write_csv(rows, out_dir / "kernels" / CSV_NAME["gpu"])
+    csv_path = write_text(out_dir / "kernels" / CSV_NAME["gpu"], csv_text(rows))
     triton = [r for r in rows if r["impl"] == "triton" and r["stat"] == "median"]
     untimed = [f"{r['shape']} {r['direction']} ({r['status']})" for r in triton if r["status"] != "ok"]
     rec.figures.update(shapes=len(used_by), batches=list(batches), image_sizes=list(sizes), dtype="fp16",

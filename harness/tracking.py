@@ -1,40 +1,42 @@
-"""MLflow records of a reproduction: one parent run per ``reproduce``, one child run per
-configuration, found again by the hash of its resolved config.
+"""The one MLflow writer: every run segrepro records goes through here.
 
-Names here are the contract with ``reports/``: experiment ``segrepro``; tags
-``segrepro.kind`` (reproduce | config), ``segrepro.config``, ``segrepro.recipe``,
-``segrepro.profile``, ``segrepro.config_hash``, ``segrepro.status`` (running | finished |
-failed), ``segrepro.error``; metrics ``train/*``, ``val/mIoU``, ``ss/*``, ``msflip/*``,
-``bench/*``, ``wall_time_s``, ``gpu_hours``. Only the driver (and training's rank 0) writes.
-
-``segrepro eval`` logs one run per evaluation, tagged ``segrepro.kind=eval`` with
-``segrepro.config``, ``segrepro.checkpoint`` (the path), ``segrepro.source`` (who produced the
-weights), ``segrepro.protocol`` (whose evaluation rules), ``segrepro.mode`` (ss | msflip) and
-``segrepro.status``; the flattened config and ``protocol.*`` as params; ``MODE/mIoU``,
-``MODE/mAcc``, ``MODE/aAcc`` as metrics.
+One parent run per ``reproduce`` and one child run per configuration (found again by the hash
+of its resolved config); the standalone ``segrepro train`` run and rank 0's training curves;
+``segrepro eval`` runs; ``segrepro kernels profile`` runs. The names are those of
+``harness.contract``, which ``reports/`` reads them by. Every run created here carries the
+writer's pid and host (and its run directory, where it has one), so a run left RUNNING by a
+dead process is found and closed by the next process holding that run directory.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
+import os
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from harness.atomic import write_text
 from harness.config import Config, InputError
+from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, CONFIG_HASH, DATA_ROOT,
+                              DEVICE_PREFIX, ERROR, EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
+                              GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
+                              KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
+                              LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
+                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, SOURCE, STAGE, STAGE_TRAIN, STATUS,
+                              VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
+from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
-EXPERIMENT = "segrepro"
-
-
-def default_tracking_uri(run_dir: str | Path) -> str:
-    """An SQLite store inside the run directory (MLflow 3.13+ refuses a ./mlruns file store)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+TRAIN_RUN_FILE = "mlflow_run_id"  # a standalone training run directory's MLflow run, reused on resume
 
 
 def check_tracking_uri(uri: str) -> None:
-    """Fail before any work starts if the store cannot be reached."""
+    """Fail before any work starts if the store cannot be reached or is not an MLflow store.
+    A missing SQLite file is fine (MLflow creates it); an existing one must be a store."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
@@ -42,8 +44,13 @@ def check_tracking_uri(uri: str) -> None:
                     raise InputError(f"tracking URI {uri}: /health answered {resp.status}")
         except (urllib.error.URLError, OSError) as e:
             raise InputError(f"tracking URI {uri}: unreachable ({getattr(e, 'reason', e)})") from None
-    elif uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif (path := sqlite_path(uri)) is not None:
+        if path.exists():
+            problem = sqlite_store_problem(path)
+            if problem:
+                raise InputError(f"tracking URI {uri}: {problem}")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
     else:
         raise InputError(f"tracking URI {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
 
@@ -79,96 +86,201 @@ def package_versions() -> dict:
     out = {}
     for pkg in ("segrepro", "torch", "torchvision", "timm", "triton", "ray", "mlflow", "numpy"):
         try:
-            out[f"versions.{pkg}"] = importlib.metadata.version(pkg)
+            out[f"{VERSIONS_PREFIX}{pkg}"] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
-            out[f"versions.{pkg}"] = "absent"
+            out[f"{VERSIONS_PREFIX}{pkg}"] = "absent"
     return out
 
 
-class Tracker:
-    """The driver's handle on the store; thread-safe (MlflowClient calls with explicit run ids)."""
+def _metric_batch(metrics: dict, step: int) -> list:
+    """MLflow Metric entities; a None value (a figure not measured) is left out."""
+    from mlflow.entities import Metric
 
-    def __init__(self, uri: str, run_dir: str | Path):
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+
+
+class Tracker:
+    """Every writer's handle on the store (reproduce, train, eval, kernels profile); thread-safe
+    (MlflowClient calls with explicit run ids). Construction checks the store (see
+    ``check_tracking_uri``) and creates the experiment if needed. ``run_dir``, where given, is
+    tagged on every run created here: ``close_stale`` finds them by it."""
+
+    def __init__(self, uri: str, run_dir: str | Path | None = None):
         from mlflow import MlflowClient
 
+        check_tracking_uri(uri)
         self.uri = uri
+        self.run_dir = Path(run_dir).resolve() if run_dir is not None else None
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
-            # SQLite stores keep artifacts beside the database; a server decides for itself
-            location = None if uri.startswith("http") else (Path(run_dir).resolve() / "mlartifacts").as_uri()
+            # a SQLite store keeps its artifacts beside the database; a server decides for itself
+            path = sqlite_path(uri)
+            location = (path.resolve().parent / ARTIFACTS_DIR).as_uri() if path else None
             self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
 
+    def _owner(self) -> dict:
+        """The tags naming the process that writes a run now."""
+        tags = {PID: str(os.getpid()), HOST: socket.gethostname()}
+        if self.run_dir is not None:
+            tags[RUN_DIR] = str(self.run_dir)
+        return tags
+
+    def _create_run(self, run_name: str, tags: dict) -> str:
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags={**tags, **self._owner()}).info.run_id
+
+    def _search(self, filter_string: str) -> list:
+        """Every run of the experiment matching ``filter_string``, newest first."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs += page
+            token = page.token
+            if not token:
+                return runs
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    # ------------------------------------------------------------ reproduce: parent and children
+
     def start_parent(self, argv: list[str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}",
-                                     tags={"segrepro.kind": "reproduce", "segrepro.argv": " ".join(argv),
-                                           "segrepro.git_commit": git_commit()})
-        return run.info.run_id
+        return self._create_run(f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {KIND: KIND_REPRODUCE, ARGV: " ".join(argv), GIT_COMMIT: git_commit(),
+                                 STATUS: RUNNING})
 
     def finished_child(self, cfg: Config) -> str | None:
-        runs = self._children(cfg, "finished")
+        runs = self._children(cfg, FINISHED)
         return runs[0].info.run_id if runs else None
 
     def _children(self, cfg: Config, status: str | None = None):
-        flt = f"tags.`segrepro.config_hash` = '{cfg.config_hash()}' and tags.`segrepro.kind` = 'config'"
+        flt = f"tags.`{CONFIG_HASH}` = '{cfg.config_hash()}' and tags.`{KIND}` = '{KIND_CONFIG}'"
         if status:
-            flt += f" and tags.`segrepro.status` = '{status}'"
-        return self.client.search_runs([self.experiment_id], filter_string=flt,
-                                       order_by=["attributes.start_time DESC"])
+            flt += f" and tags.`{STATUS}` = '{status}'"
+        return self._search(flt)
 
     def child_run(self, cfg: Config, parent_id: str, facts: dict) -> tuple[str, bool]:
         """The unfinished child of an interrupted reproduction of this config (so its curves
         continue), or a new one. Returns (run_id, resumed)."""
-        runs = [r for r in self._children(cfg) if r.data.tags.get("segrepro.status") != "finished"]
-        tags = {"segrepro.kind": "config", "segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
-                "segrepro.profile": cfg.profile, "segrepro.config_hash": cfg.config_hash(),
-                "segrepro.status": "running", "mlflow.parentRunId": parent_id,
-                "segrepro.init": init_tag(cfg)}
+        runs = [r for r in self._children(cfg) if r.data.tags.get(STATUS) != FINISHED]
+        tags = {KIND: KIND_CONFIG, CONFIG: cfg.name, RECIPE: cfg.recipe, PROFILE: cfg.profile,
+                CONFIG_HASH: cfg.config_hash(), STATUS: RUNNING, PARENT_RUN: parent_id, INIT: init_tag(cfg)}
         if runs:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            for k, v in tags.items():
-                self.client.set_tag(run_id, k, v)
-            self.client.set_tag(run_id, "segrepro.resumed", "true")
+            self.set_tags(run_id, {**tags, **self._owner(), RESUMED: "true"})
             return run_id, True
-        run = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags)
-        params = {**flatten(cfg.to_dict()), "git_commit": git_commit(), **package_versions(),
-                  **{f"device.{k}": v for k, v in facts.items()}}
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id, False
+        run_id = self._create_run(cfg.name, tags)
+        self.log_params(run_id, {**flatten(cfg.to_dict()), GIT_COMMIT_PARAM: git_commit(), **package_versions(),
+                                 **{f"{DEVICE_PREFIX}{k}": v for k, v in facts.items()}})
+        return run_id, False
+
+    def close_stale(self, run_dir: str | Path) -> list[str]:
+        """Close the runs of ``run_dir`` still RUNNING: the caller holds the run directory's
+        exclusive lock, so whoever left them running is dead. Returns their ids."""
+        where = str(Path(run_dir).resolve())
+        stale = [r.info.run_id for r in self._search("attributes.status = 'RUNNING'")
+                 if r.data.tags.get(RUN_DIR) == where]
+        for run_id in stale:
+            self.kill(run_id, None)
+        return stale
+
+    def kill(self, run_id: str, last_checkpoint: str | None) -> None:
+        """Mark a run KILLED (its process stopped or died), with the checkpoint it got to."""
+        self.set_tags(run_id, {STATUS: KILLED, **({LAST_CHECKPOINT: last_checkpoint} if last_checkpoint else {})})
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def log_final_metrics(self, run_id: str, metrics: dict) -> None:
+        """Log the final figures the run does not hold yet: a driver killed between logging them
+        and closing the run logs each once, not again on its rerun."""
+        held = self.client.get_run(run_id).data.metrics
+        self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in held})
+
+    def log_dataset(self, run_id: str, root: str | Path, fingerprints: dict[str, str], context: str) -> None:
+        """The dataset a run read: its root and each split's fingerprint (keys: the ADE20K
+        splits, training and validation) as tags, and each split as an MLflow dataset input
+        with ``context`` (e.g. training, eval), which the MLflow UI lists with the run."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        root = str(Path(root).resolve())
+        self.set_tags(run_id, {DATA_ROOT: root, **{FINGERPRINT[split]: fp for split, fp in fingerprints.items()}})
+        # the digest column holds 36 characters; the tags above hold the whole fingerprint
+        inputs = [DatasetInput(Dataset(name=f"ADE20K/{split}", digest=fp[:36], source_type="local",
+                                       source=json.dumps({"uri": root})),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for split, fp in fingerprints.items()]
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    # ------------------------------------------------------------ other runs
+
+    def start_train(self, cfg: Config) -> str:
+        """The run of a standalone ``segrepro train``, every config value a param."""
+        run_id = self._create_run(f"train-{cfg.name}-{cfg.recipe}-{cfg.profile}",
+                                  {CONFIG: cfg.name, RECIPE: cfg.recipe, PROFILE: cfg.profile,
+                                   CONFIG_HASH: cfg.config_hash(), STAGE: STAGE_TRAIN, INIT: init_tag(cfg),
+                                   STATUS: RUNNING})
+        self.log_params(run_id, flatten(cfg.to_dict()))
+        return run_id
 
     def log_eval(self, cfg: Config, record: dict) -> str:
         """One finished ``kind=eval`` run holding an evaluation's figures and its protocol."""
         protocol = record["protocol"]
-        tags = {"segrepro.kind": "eval", "segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
-                "segrepro.checkpoint": record["checkpoint"], "segrepro.source": record["source"],
-                "segrepro.protocol": protocol["name"], "segrepro.mode": protocol["mode"],
-                "segrepro.config_hash": cfg.config_hash(), "segrepro.status": "finished"}
-        run = self.client.create_run(self.experiment_id, run_name=f"eval-{cfg.name}-{protocol['name']}", tags=tags)
-        run_id = run.info.run_id
-        self.log_params(run_id, {**flatten(cfg.to_dict()), **flatten(protocol, "protocol."),
-                                 "protocol.normalization_used": record["normalization"], "git_commit": git_commit(),
-                                 **package_versions()})
         mode = protocol["mode"]
-        self.log_metrics(run_id, {f"{mode}/{k}": record[k] for k in ("mIoU", "mAcc", "aAcc")}
-                         | {f"{mode}/images": record["images"]})
-        self.client.set_terminated(run_id, status="FINISHED")
+        run_id = self._create_run(f"eval-{cfg.name}-{protocol['name']}",
+                                  {KIND: KIND_EVAL, CONFIG: cfg.name, RECIPE: cfg.recipe,
+                                   CHECKPOINT: record["checkpoint"], SOURCE: record["source"],
+                                   PROTOCOL: protocol["name"], MODE: mode, CONFIG_HASH: cfg.config_hash(),
+                                   STATUS: RUNNING})
+        self.log_params(run_id, {**flatten(cfg.to_dict()), **flatten(protocol, PROTOCOL_PREFIX),
+                                 NORMALIZATION_USED: record["normalization"], GIT_COMMIT_PARAM: git_commit(),
+                                 **package_versions()})
+        self.log_metrics(run_id, {metric(mode, k): record[k] for k in (*EVAL_FIGURES, IMAGES)})
+        self.finish(run_id)
         return run_id
+
+    def log_kernel_profile(self, kind: str, facts: dict, rows: list[dict], table: str, params: dict) -> str:
+        """One finished run per ``segrepro kernels profile``: the device facts and the options
+        as params, each row's figures as metrics and the rows as a CSV artifact. ``kind`` and
+        ``rows`` are the profiler's ("gpu": timings, "check": the interpreter correctness
+        check), ``table`` their CSV text."""
+        run_kind = {"gpu": KIND_KERNELS_PROFILE, "check": KIND_KERNELS_CHECK}[kind]
+        metrics = {}
+        for r in rows:
+            if kind == "check":
+                # a NaN error (a broken kernel) stays in the CSV; checks_failed counts it
+                if not math.isnan(r["max_abs_err"]):
+                    metrics[kernel_metric(r["shape"], r["dtype"], r["output"], "max_abs_err")] = r["max_abs_err"]
+            elif r["ms"] is not None:
+                key = (r["shape"], r["impl"], r["direction"])
+                metrics[kernel_metric(*key, f"ms_{r['stat']}")] = r["ms"]
+                if r["stat"] == "median":
+                    metrics[kernel_metric(*key, "tflops")] = r["tflops"]
+                    metrics[kernel_metric(*key, "frac_peak")] = r["frac_peak"]
+        if kind == "check":
+            metrics[CHECKS_FAILED] = sum(not r["passed"] for r in rows)
+        run_id = self._create_run(f"kernels-{kind}-{time.strftime('%Y%m%d-%H%M%S')}", {KIND: run_kind, STATUS: RUNNING})
+        self.log_params(run_id, {**facts, **params, KERNELS_KIND_PARAM: kind})
+        self.log_metrics(run_id, metrics)
+        self.client.log_text(run_id, table, KERNELS_ARTIFACT[run_kind])
+        self.finish(run_id)
+        return run_id
+
+    # ------------------------------------------------------------ any run
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        items = _metric_batch(metrics, step)
         if items:
             self.client.log_batch(run_id, metrics=items)
 
@@ -177,7 +289,47 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
     def finish(self, run_id: str, error: str | None = None) -> None:
-        self.client.set_tag(run_id, "segrepro.status", "failed" if error else "finished")
-        if error:
-            self.client.set_tag(run_id, "segrepro.error", error[:5000])
+        self.set_tags(run_id, {STATUS: FAILED if error else FINISHED, **({ERROR: error[:5000]} if error else {})})
         self.client.set_terminated(run_id, status="FAILED" if error else "FINISHED")
+
+
+class MetricsLogger:
+    """Rank 0's training curves (``train/*``, ``val/*``, step = iteration) to the run the
+    driver opened; a no-op without tracking (``tracking``: what ``train_run`` returned)."""
+
+    def __init__(self, tracking: dict | None):
+        self.client = self.run_id = None
+        if tracking:
+            from mlflow import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is not None:
+            self.client.log_batch(self.run_id, metrics=_metric_batch(metrics, step))
+
+
+def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str | None) -> tuple[dict | None, bool]:
+    """The MLflow run a training logs to: (``{"uri", "run_id"}`` for the workers, or None
+    without tracking; whether this call owns the run and so ends it with ``end_train_run``).
+
+    A given run id belongs to the caller (who logs its parameters); otherwise one run per run
+    directory is created (and reused on resume) with every config value as a parameter."""
+    if not (tracking_uri or run_id):
+        return None, False
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if run_id:
+        return {"uri": uri, "run_id": run_id}, False
+    saved = run_dir / TRAIN_RUN_FILE
+    if saved.is_file():
+        return {"uri": uri, "run_id": saved.read_text().strip()}, True
+    run_id = Tracker(uri, run_dir).start_train(cfg)
+    write_text(saved, run_id)
+    return {"uri": uri, "run_id": run_id}, True
+
+
+def end_train_run(tracking: dict, error: str | None) -> None:
+    """Close the run ``train_run`` opened: finished, or failed with ``error``."""
+    Tracker(tracking["uri"]).finish(tracking["run_id"], error)

@@ -3,13 +3,17 @@
 With a CUDA GPU: every shape is timed with triton.testing.do_bench (median, 20th and 80th
 percentile) for the Triton kernel, each torch SDPA backend that accepts it, and the PyTorch
 reference, forward and backward; results carry TFLOP/s, GB/s and the fraction of the GPU's
-measured peak (kernels.device.measured_peak), go to a long-format CSV (one row per
-shape x impl x direction x stat) and, with --tracking-uri, to MLflow.
+measured peak (kernels.device.measured_peak), as long-format rows (one per shape x impl x
+direction x stat).
 
 Without a CUDA GPU nothing is timed (interpreter timings would mean nothing). One line says
 so, then the same Triton source runs under TRITON_INTERPRET=1 on small shapes and is checked
 against the references (forward and every gradient, fp32 and fp16 unless --dtype is given);
-the table goes to stdout, the CSV to --out, and the exit status is 1 if any check fails.
+the exit status is 1 if any check fails.
+
+This module measures and prints; the command (harness.cli) writes the rows as CSV to --out
+(``csv_text``) and, with --tracking-uri, to MLflow (harness.tracking): kernels/ imports
+neither harness nor MLflow.
 
 --shapes is "zoo" (the default) or a SPEC: shapes separated by ";", each KIND:FIELD=INT,...
     attn:B=8,H=12,N=1025,D=64          attention over [B, H, N, D]   (D <= 128)
@@ -29,17 +33,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
-import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from ._runtime import interpreting
 from .attention import attention as triton_attention
 from .device import device_facts, measured_peak
 from .mask_decoder import mask_logits as triton_mask_logits
@@ -53,10 +55,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Allowed max abs error relative to max(1, max |reference|): a few ulps of the dtype at the
 # magnitudes the small check shapes produce (observed errors are 10-50x below these).
 CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 4e-2}
-CSV_NAME = {"gpu": "kernels_profile.csv", "check": "kernels_check.csv"}
-# The contract with reports/: experiment "segrepro", tag segrepro.kind, CSV column names.
-MLFLOW_EXPERIMENT = "segrepro"
-RUN_KIND = {"gpu": "kernels_profile", "check": "kernels_check"}
+CSV_NAME = {"gpu": "kernels_profile.csv", "check": "kernels_check.csv"}  # the files under --out
 NO_GPU_LINE = (
     "No CUDA GPU is available, so nothing is timed{zoo}; running the Triton interpreter "
     "correctness check instead."
@@ -112,6 +111,24 @@ CHECK_SHAPES = (AttnShape(1, 2, 65, 64), AttnShape(2, 1, 100, 32), MaskShape(2, 
 
 class SpecError(ValueError):
     """A --shapes value that cannot be used; the message names the offending token."""
+
+
+class ProfileError(ValueError):
+    """A `kernels profile` request that cannot run here; the message says which option and why."""
+
+
+@dataclasses.dataclass
+class Profile:
+    """What one `kernels profile` produced: ``kind`` "gpu" (timing rows) or "check" (the
+    interpreter correctness check's rows), and the device facts."""
+
+    kind: str
+    rows: list[dict]
+    facts: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.kind == "gpu" or all(r["passed"] for r in self.rows)
 
 
 def parse_spec(spec: str) -> list[Shape]:
@@ -247,11 +264,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the results as JSON on stdout (messages go to stderr)")
 
 
-def run(args: argparse.Namespace, zoo_models: list[ModelDims]) -> int:
-    """Run `segrepro kernels profile`; returns the exit status (0 ok, 1 check failed, 2 usage)."""
+def measure(args: argparse.Namespace, zoo_models: list[ModelDims]) -> Profile:
+    """Time the shapes of ``args`` on the GPU, or run the correctness check without one.
+    Raises ProfileError for options that cannot run here."""
     from . import mode
 
-    err = sys.stderr
     try:
         if args.shapes.strip().lower() == "zoo":
             zoo = zoo_shapes(zoo_models)
@@ -261,42 +278,32 @@ def run(args: argparse.Namespace, zoo_models: list[ModelDims]) -> int:
             shapes = parse_spec(args.shapes)
             used_by = {}
     except SpecError as e:
-        print(f"segrepro kernels profile: --shapes: {e}", file=err)
-        return 2
+        raise ProfileError(f"--shapes: {e}") from None
 
     if mode() == "cuda":
         rows, facts = profile_gpu(shapes, DTYPES[args.dtype or "fp16"], used_by)
-        kind, status = "gpu", 0
-    elif mode() == "interpreter" and not torch.cuda.is_available():
+        return Profile("gpu", rows, facts)
+    if mode() == "interpreter" and not torch.cuda.is_available():
         zoo_note = f" (the zoo has {len(zoo)} kernel shapes)" if zoo is not None else ""
-        print(NO_GPU_LINE.format(zoo=zoo_note), file=err if args.json else sys.stdout)
+        print(NO_GPU_LINE.format(zoo=zoo_note), file=sys.stderr if args.json else sys.stdout)
         check = list(CHECK_SHAPES) if zoo is not None else shapes
         dtypes = [args.dtype] if args.dtype else ["fp32", "fp16"]
-        rows = correctness_check(check, dtypes, progress=err)
-        facts = device_facts()
-        kind, status = "check", 0 if all(r["passed"] for r in rows) else 1
-    else:
-        print(
-            "segrepro kernels profile: cannot run: "
-            + ("TRITON_INTERPRET=1 is set on a GPU machine; unset it to time the compiled "
-               "kernels" if torch.cuda.is_available() else
-               "no CUDA GPU and TRITON_INTERPRET is disabled; unset it or set it to 1"),
-            file=err,
-        )
-        return 2
+        return Profile("check", correctness_check(check, dtypes, progress=sys.stderr), device_facts())
+    raise ProfileError(
+        "cannot run: " + ("TRITON_INTERPRET=1 is set on a GPU machine; unset it to time the compiled kernels"
+                          if torch.cuda.is_available() else
+                          "no CUDA GPU and TRITON_INTERPRET is disabled; unset it or set it to 1"))
 
-    csv_path = write_csv(rows, args.out / CSV_NAME[kind]) if args.out is not None else None
-    if args.tracking_uri:
-        log_mlflow(args.tracking_uri, kind, facts, rows, csv_path,
-                   {"shapes": args.shapes, "dtype": args.dtype or "default"})
-    if args.json:
-        print(json.dumps({"kind": kind, "device": facts, "rows": _json_safe(rows),
-                          "passed": status == 0}, indent=2, default=str))
-    else:
-        print(format_table(rows, kind))
-        if csv_path is not None:
-            print(f"wrote {csv_path}")
-    return status
+
+def show(profile: Profile, as_json: bool, csv_path: Path | None) -> None:
+    """The rows on stdout: a table (and where the CSV went), or JSON."""
+    if as_json:
+        print(json.dumps({"kind": profile.kind, "device": profile.facts, "rows": _json_safe(profile.rows),
+                          "passed": profile.passed}, indent=2, default=str))
+        return
+    print(format_table(profile.rows, profile.kind))
+    if csv_path is not None:
+        print(f"wrote {csv_path}")
 
 
 # --------------------------------------------------------------------------- no-GPU check
@@ -326,22 +333,24 @@ def correctness_check(shapes: list[Shape], dtypes: list[str], progress=None) -> 
 
 
 def _check_pairs(shape: Shape, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    # drawn on the CPU (the same numbers everywhere), checked where the kernels run
+    device = "cpu" if interpreting() else "cuda"
     gen = torch.Generator().manual_seed(0)
     if isinstance(shape, AttnShape):
         dims = (shape.B, shape.H, shape.N, shape.D)
-        inputs = [torch.randn(dims, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+        inputs = [torch.randn(dims, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
         names, kernel, reference = ("dq", "dk", "dv"), triton_attention, attention_reference
     else:
         inputs = [
-            torch.randn((shape.B, shape.N, shape.D), generator=gen).to(dtype).requires_grad_(),
-            torch.randn((shape.B, shape.C, shape.D), generator=gen).to(dtype).requires_grad_(),
-            (1 + 0.1 * torch.randn(shape.C, generator=gen)).requires_grad_(),
-            (0.1 * torch.randn(shape.C, generator=gen)).requires_grad_(),
+            torch.randn((shape.B, shape.N, shape.D), generator=gen).to(device, dtype).requires_grad_(),
+            torch.randn((shape.B, shape.C, shape.D), generator=gen).to(device, dtype).requires_grad_(),
+            (1 + 0.1 * torch.randn(shape.C, generator=gen)).to(device).requires_grad_(),
+            (0.1 * torch.randn(shape.C, generator=gen)).to(device).requires_grad_(),
         ]
         names = ("d_patches", "d_classes", "d_weight", "d_bias")
         kernel, reference = triton_mask_logits, mask_logits_reference
     out = kernel(*inputs)
-    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    grad_out = torch.randn(out.shape, generator=gen).to(device, dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
     ref_out = reference(*ref_inputs)
@@ -435,7 +444,7 @@ def profile_gpu(
                 except RuntimeError as e:  # e.g. an SDPA backend that rejects this shape
                     status = "unavailable: " + (str(e).strip().splitlines() or ["?"])[0][:200]
                 torch.cuda.empty_cache()
-                rows.extend(_timing_rows(
+                rows.extend(timing_rows(
                     shape, dtype_name, impl, direction, ms, status,
                     flops(shape, direction), interface_bytes(shape, direction, elt),
                     facts, used_by.get(shape, []),
@@ -445,7 +454,9 @@ def profile_gpu(
     return rows, facts
 
 
-def _timing_rows(shape, dtype_name, impl, direction, ms, status, flops, nbytes, facts, used_by):
+def timing_rows(shape, dtype_name, impl, direction, ms, status, flops, nbytes, facts, used_by):
+    """The rows of one shape x impl x direction: one per statistic of the times ``ms`` (median,
+    p20, p80), or one saying why it was not timed (``ms`` None)."""
     base = {
         "kernel": shape.kind, "shape": shape.label, "B": shape.B,
         "H": getattr(shape, "H", ""), "N": shape.N, "C": getattr(shape, "C", ""), "D": shape.D,
@@ -470,23 +481,13 @@ def _timing_rows(shape, dtype_name, impl, direction, ms, status, flops, nbytes, 
 
 # --------------------------------------------------------------------------- output
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Write rows as CSV atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) if rows else []
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the CSV is a report, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+def csv_text(rows: list[dict]) -> str:
+    """The rows as CSV, columns in the rows' own order."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _json_safe(rows: list[dict]) -> list[dict]:
@@ -516,41 +517,3 @@ def format_table(rows: list[dict], kind: str) -> str:
              for line in (header, *body)]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _metric_key(*parts: str) -> str:
-    # MLflow metric names allow alphanumerics, _ - . / and spaces only.
-    return "/".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", p).strip("_") for p in parts)
-
-
-def log_mlflow(uri: str, kind: str, facts: dict, rows: list[dict], csv_path: Path | None,
-               extra_params: dict) -> str:
-    """One MLflow run: device facts as params, per-row figures as metrics, the CSV artifact."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(MLFLOW_EXPERIMENT)
-    metrics = {}
-    for r in rows:
-        if kind == "check":
-            if not math.isnan(r["max_abs_err"]):
-                metrics[_metric_key(r["shape"], r["dtype"], r["output"], "max_abs_err")] = \
-                    r["max_abs_err"]
-        elif r["ms"] is not None:
-            key = (r["shape"], r["impl"], r["direction"])
-            metrics[_metric_key(*key, f"ms_{r['stat']}")] = r["ms"]
-            if r["stat"] == "median":
-                metrics[_metric_key(*key, "tflops")] = r["tflops"]
-                metrics[_metric_key(*key, "frac_peak")] = r["frac_peak"]
-    params = {**facts, **extra_params, "kind": kind}
-    with mlflow.start_run(run_name=f"kernels-{kind}-{time.strftime('%Y%m%d-%H%M%S')}",
-                          tags={"segrepro.kind": RUN_KIND[kind]}) as active:
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-        if kind == "check":
-            mlflow.log_metric("checks_failed", sum(not r["passed"] for r in rows))
-        mlflow.log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            # The artifact is the CSV the user asked for, or one written just for MLflow.
-            path = csv_path or write_csv(rows, Path(tmp) / CSV_NAME[kind])
-            mlflow.log_artifact(str(path))
-        return active.info.run_id

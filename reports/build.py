@@ -1,5 +1,9 @@
 """``segrepro report``: MLflow runs plus the documented table -> report.md, report.html,
-results.csv (the long table) and plots/*.png in one output directory."""
+results.csv (the long table) and plots/*.png in one output directory.
+
+The files are written into a temporary directory beside the output directory, which then
+replaces it as a whole (``harness.atomic.atomic_dir``): a reader never sees a report half
+old and half new, and a failed report leaves the previous one in place."""
 from __future__ import annotations
 
 import argparse
@@ -10,29 +14,42 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.atomic import atomic_dir
+from harness.contract import EXPERIMENT, default_tracking_uri
 from reports import plots, render, tables
-from reports.collect import EXPERIMENT, ReportError, collect, default_tracking_uri
+from reports.collect import ReportError, collect
 
 TITLE = "segrepro: Segmenter ADE20K, documented vs reproduced"
+OUTPUTS = {"markdown": "report.md", "html": "report.html", "csv": "results.csv"}
+PLOTS_DIR = "plots"
+REPORT_NAMES = {*OUTPUTS.values(), PLOTS_DIR}  # all an output directory may hold
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
-    # Through pandas' JSON writer so NaN becomes null and timestamps become text.
-    return json.loads(df.to_json(orient="records", date_format="iso"))
+    # Through pandas' JSON writer so NaN becomes null and timestamps become text; with the most
+    # decimals it writes (its default of 10 keeps only 4 digits of a kernel's 3.6e-7 error).
+    return json.loads(df.to_json(orient="records", date_format="iso", double_precision=15))
 
 
 def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.TOLERANCE,
                  experiment_name: str = EXPERIMENT) -> dict:
-    """Read the store, write every output into ``out``, return the views as plain data."""
-    out = Path(out)
+    """Read the store, write every output into ``out`` (replacing it as a whole), return the
+    views as plain data."""
+    out = Path(out).resolve()
+    # the swap replaces the whole directory: never one that holds anything but a report
+    if out.exists() and (not out.is_dir() or any(p.name not in REPORT_NAMES for p in out.iterdir())):
+        raise ReportError(f"{out} holds files that are not a report's; the report replaces its output directory as "
+                          f"a whole: give a new or empty one with --out")
     c = collect(tracking_uri, experiment_name)
     miou = tables.miou_view(c, tolerance)
     throughput = tables.throughput_view(c)
     kernels = tables.kernels_view(c)
     curves = tables.curves_view(c)
+    check = tables.kernel_check_view(c)
     stat = tables.kernel_stat(c)
     shown = set(curves["run_id"])
     kernel_run = c.kernels["run_id"].iloc[0] if not c.kernels.empty else None
+    check_run = c.kernel_check["run_id"].iloc[0] if not c.kernel_check.empty else None
     bench_protocols = tables.documented_bench_protocols(c)
 
     sections = [
@@ -65,8 +82,14 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
             "Kernels",
             (f"Kernels profile run {kernel_run[:8]}, statistic {stat or 'as logged'}: TFLOP/s and fraction "
              f"of the device's peak per shape." if kernel_run else "TFLOP/s and fraction of peak per shape."),
-            kernels, empty_text="No kernels profile logged.",
+            kernels, empty_text="No kernels profile logged (segrepro kernels profile times the kernels on a GPU).",
             image=plots.kernels_plot(c.kernels, stat), image_name="kernels"),
+        render.Section(
+            "Kernel correctness (Triton interpreter)",
+            (f"Kernels check run {check_run[:8]}: " if check_run else "")
+            + "without a GPU, segrepro kernels profile runs the Triton source under the interpreter and compares "
+              "its output and every gradient with the PyTorch reference (fp32, on the same inputs); nothing is timed.",
+            check, empty_text="No kernels check logged."),
         render.Section("Training curves", "Loss, learning rate and val mIoU against iteration, per shown run.",
                        curves, empty_text="No training curves logged.",
                        image=plots.curves_plot(c.curves[c.curves["run_id"].isin(shown)]), image_name="curves"),
@@ -76,19 +99,22 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
               f"configuration runs in the store: {len(c.runs)} (all of them in results.csv)",
               f"tolerance: {tolerance:g} mIoU"]
 
-    files = {"markdown": out / "report.md", "html": out / "report.html", "csv": out / "results.csv"}
-    for s in sections:
-        if s.image is not None:
-            render.write_atomic(out / "plots" / f"{s.image_name}.png", s.image)
-    render.write_atomic(files["csv"], c.long.to_csv(index=False))
-    render.write_atomic(files["markdown"], render.markdown(TITLE, header, sections, c.notes))
-    render.write_atomic(files["html"], render.html_page(TITLE, header, sections, c.notes))
+    with atomic_dir(out) as tmp:
+        for s in sections:
+            if s.image is not None:
+                (tmp / PLOTS_DIR).mkdir(exist_ok=True)
+                (tmp / PLOTS_DIR / f"{s.image_name}.png").write_bytes(s.image)
+        (tmp / OUTPUTS["csv"]).write_text(c.long.to_csv(index=False))
+        (tmp / OUTPUTS["markdown"]).write_text(render.markdown(TITLE, header, sections, c.notes))
+        (tmp / OUTPUTS["html"]).write_text(render.html_page(TITLE, header, sections, c.notes))
+    files = {k: out / name for k, name in OUTPUTS.items()}
     return {"tracking_uri": tracking_uri, "tolerance": tolerance,
             "outputs": {k: str(v) for k, v in files.items()},
             "tables": [s.title for s in sections if not s.table.empty],
             "images": [s.image_name for s in sections if s.image is not None],
             "miou": _records(miou), "throughput": _records(throughput), "kernels": _records(kernels),
-            "curves": _records(curves), "released": _records(tables.released_view(c)), "notes": c.notes}
+            "kernel_check": _records(check), "curves": _records(curves),
+            "released": _records(tables.released_view(c)), "notes": c.notes}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

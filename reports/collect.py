@@ -1,17 +1,14 @@
 """Read the MLflow runs and the documented table into one long-format table.
 
-The contract with ``segrepro reproduce`` (which writes the runs): experiment "segrepro"; one
-child run per configuration tagged ``segrepro.kind=config`` with ``segrepro.config``,
-``segrepro.recipe``, ``segrepro.profile``, ``segrepro.status`` and ``segrepro.error``; the
-flattened resolved config as params; final figures as metrics (``ss/mIoU``, ``bench/...``)
-and the training curves as metric histories (step = iteration). Kernel profiles are runs
-tagged ``segrepro.kind=kernels_profile`` with a ``kernels_profile.csv`` artifact. ``segrepro
-eval`` runs are tagged ``segrepro.kind=eval`` with ``segrepro.checkpoint``, ``segrepro.source``
-(who produced the weights), ``segrepro.protocol`` and ``segrepro.mode``, and log ``MODE/mIoU``.
+Every experiment, tag, param, metric and artifact name is read through ``harness.contract``
+(which documents the runs ``harness.tracking`` writes): the configuration runs with their
+final figures and training curves, the ``segrepro eval`` runs, and the newest kernels run of
+each kind (timings on a GPU, the interpreter correctness check without one) with its CSV.
 
 Reproduced metrics that have a documented counterpart take the documented name in the long
 table (``ss/mIoU`` -> ``miou_ss``) so one pivot sets them side by side; every other metric
-keeps its MLflow name. This module reads MLflow and ``harness.config`` only.
+keeps its MLflow name. The store is opened only once it is known to be an MLflow store, so a
+report never creates one. This module reads MLflow, ``harness.contract`` and ``harness.config``.
 """
 from __future__ import annotations
 
@@ -24,21 +21,21 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from harness import contract
 from harness.config import load_documented
 
-EXPERIMENT = "segrepro"
 SOURCE = "segrepro"  # the source name of reproduced figures in the long table
 LONG_COLUMNS = ["config", "source", "metric", "value", "protocol", "profile", "run_id", "status"]
-COUNTERPART = {"ss/mIoU": "miou_ss", "msflip/mIoU": "miou_msflip",
-               "bench/params_m": "params", "bench/images_per_s": "fps"}
-CURVE_METRICS = ("train/loss", "train/lr", "val/mIoU")
+COUNTERPART = {contract.SS_MIOU: "miou_ss", contract.MSFLIP_MIOU: "miou_msflip",
+               contract.BENCH_PARAMS_M: "params", contract.BENCH_IMAGES_PER_S: "fps"}
+CURVE_METRICS = (contract.TRAIN_LOSS, contract.TRAIN_LR, contract.VAL_MIOU)
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
                "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
 EVAL_COLUMNS = ["run_id", "start_time", "config", "checkpoint", "source", "protocol", "mode", "mIoU",
                 "protocol_text"]
-KERNELS_ARTIFACT = "kernels_profile.csv"
-KERNEL_COLUMNS = ["kernel", "impl", "direction", "B", "H", "N", "D", "C", "dtype", "stat",
-                  "ms", "tflops", "gbps", "frac_peak"]
+# the columns of each kind of kernels CSV (kernels/profile.py's rows) that the report needs
+KERNEL_COLUMNS = {contract.KIND_KERNELS_PROFILE: ["kernel", "impl", "direction", "N", "tflops"],
+                  contract.KIND_KERNELS_CHECK: ["shape", "dtype", "output", "max_abs_err", "limit", "passed"]}
 
 
 class ReportError(Exception):
@@ -50,27 +47,28 @@ class Collected:
     long: pd.DataFrame      # LONG_COLUMNS: documented and reproduced figures
     runs: pd.DataFrame      # one row per configuration run (all of them, oldest first)
     curves: pd.DataFrame    # run_id, config, profile, metric, step, value
-    kernels: pd.DataFrame   # the newest kernels profile CSV, plus its run_id
+    kernels: pd.DataFrame   # the newest kernels profile CSV (GPU timings), plus its run_id
     tracking_uri: str
     notes: list[str] = field(default_factory=list)
     evals: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=EVAL_COLUMNS))  # eval runs
-
-
-def default_tracking_uri(run_dir: str | Path) -> str:
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+    kernel_check: pd.DataFrame = field(default_factory=pd.DataFrame)  # the newest interpreter check CSV
 
 
 def check_store(uri: str) -> None:
-    """Fail fast, with one message, on a store that is not there.
+    """Fail fast, with one message, on a store that is not there or not an MLflow store.
 
-    Opening a missing SQLite file would silently create an empty store, and an unreachable
-    server would be retried by MLflow for minutes; neither is what a report should do.
+    Opening a missing or empty SQLite file would silently create a store, a damaged one
+    answers with a SQLAlchemy traceback, and an unreachable server would be retried by MLflow
+    for minutes; none of that is what a report should do.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = Path(unquote(uri[len("sqlite:///"):]))
-        if not path.is_file():
-            raise ReportError(f"no MLflow store at {path} (tracking URI {uri})")
+        path = contract.sqlite_path(uri)
+        if path is None or not path.is_file():
+            raise ReportError(f"no MLflow store at {path or uri} (tracking URI {uri})")
+        problem = contract.sqlite_store_problem(path)
+        if problem:
+            raise ReportError(problem)
     elif parsed.scheme in ("http", "https"):
         import requests
 
@@ -108,74 +106,94 @@ def _get(row: pd.Series, key: str, default: str = "") -> str:
     return default if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
 
 
+def _tag(row: pd.Series, name: str, default: str = "") -> str:
+    return _get(row, f"tags.{name}", default)
+
+
+def _param(row: pd.Series, name: str, default: str = "") -> str:
+    """A param: a flattened config field (``eval.window``) or one of the contract's."""
+    return _get(row, f"params.{name}", default)
+
+
+def _of_kind(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The runs tagged ``kind``, oldest first."""
+    column = f"tags.{contract.KIND}"
+    if column not in df:
+        return pd.DataFrame(columns=["run_id", "start_time", "mlflow_status"])
+    return df[df[column] == kind].sort_values("start_time", kind="stable")
+
+
 def eval_protocol(row: pd.Series, multi_scale: bool) -> str:
     """The protocol of a reproduced mIoU, from the run's own params (runs logged before the
     protocol rules existed lack the rule params; they are left out)."""
-    window, stride = _get(row, "params.eval.window", "?"), _get(row, "params.eval.stride", "?")
-    name = _get(row, "params.eval.protocol")
+    window, stride = _param(row, "eval.window", "?"), _param(row, "eval.stride", "?")
+    name = _param(row, "eval.protocol")
     text = (f"{name} protocol: " if name else "") + f"window {window}, stride {stride}"
     # a null normalisation rule (logged as "None") is the training normalisation
     shown = {"None": "as trained"}
-    rules = [f"{label} {shown.get(_get(row, f'params.eval.{key}'), _get(row, f'params.eval.{key}'))}"
+    rules = [f"{label} {shown.get(_param(row, f'eval.{key}'), _param(row, f'eval.{key}'))}"
              for key, label in (("resize", "resize"), ("label_resolution", "labels"),
                                 ("normalization", "normalisation"), ("bookkeeping", "bookkeeping"))
-             if _get(row, f"params.eval.{key}")]
+             if _param(row, f"eval.{key}")]
     if not multi_scale:
         return ", ".join([text + ", single scale"] + rules)
-    text += f", scales {_get(row, 'params.eval.scales', '?')}"
-    ratio_base = _get(row, "params.eval.ratio_base")
+    text += f", scales {_param(row, 'eval.scales', '?')}"
+    ratio_base = _param(row, "eval.ratio_base")
     text += f" of {ratio_base}" if ratio_base else ""
-    if _get(row, "params.eval.flip") in ("True", "true", ""):
+    if _param(row, "eval.flip") in ("True", "true", ""):
         text += " + flip"
-    small = _get(row, "params.eval.small_views")
+    small = _param(row, "eval.small_views")
     return ", ".join([text + (f", small views {small}" if small else "")] + rules)
 
 
+def _device(row: pd.Series) -> str:
+    """Where the run's figures were measured: the benchmark's device, else the device facts."""
+    return (_param(row, contract.BENCH_PREFIX + "device") or _param(row, contract.DEVICE_PREFIX + "gpu_name")
+            or _param(row, contract.DEVICE_PREFIX + "device_type"))
+
+
 def bench_protocol(row: pd.Series) -> str:
-    device = _get(row, "params.bench.device") or _get(row, "params.device", "?")
-    return (f"{device}, batch {_get(row, 'params.bench.batch_size', '?')}, "
-            f"{_get(row, 'params.bench.precision', '?')}, image {_get(row, 'params.bench.image_size', '?')}")
+    bench = contract.BENCH_PREFIX
+    return (f"{_device(row) or '?'}, batch {_param(row, bench + 'batch_size', '?')}, "
+            f"{_param(row, bench + 'precision', '?')}, image {_param(row, bench + 'image_size', '?')}")
 
 
 def training_provenance(row: pd.Series) -> str:
     """What the evaluated weights were trained from and in: the encoder's initialisation
     (``segrepro.init`` tag: 'TAG sha256:HEX' or 'scratch') and the training precision."""
-    init = _get(row, "tags.segrepro.init", "unknown init")
+    init = _tag(row, contract.INIT, "unknown init")
     if init.startswith("scratch"):
         init = "random init"
-    return f"from {init}, trained in {_get(row, 'params.optim.amp', '?')}"
+    return f"from {init}, trained in {_param(row, 'optim.amp', '?')}"
 
 
 def _metric_protocol(metric: str, run: pd.Series) -> str:
-    if metric.startswith(("ss/", "msflip/")):
-        return f"{run[metric.split('/')[0] + '_protocol']}; {run['training']}"
-    if metric.startswith("bench/"):
+    prefix = metric.split("/")[0]
+    if prefix in (contract.SS, contract.MSFLIP):
+        return f"{run[prefix + '_protocol']}; {run['training']}"
+    if prefix == contract.BENCH:
         return run["bench_protocol"]
     return ""
 
 
 def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration run with the fields the views need, oldest first."""
-    if "tags.segrepro.kind" not in df:
-        return pd.DataFrame(columns=RUN_COLUMNS)
-    df = df[df["tags.segrepro.kind"] == "config"].sort_values("start_time", kind="stable")
     out = []
-    for _, row in df.iterrows():
+    for _, row in _of_kind(df, contract.KIND_CONFIG).iterrows():
         # The segrepro tag is the harness's own view; MLflow's status is the fallback for a run
         # that died before it could set the tag, and wins over a "running" tag that a dead
         # process never updated.
-        status = _get(row, "tags.segrepro.status") or _get(row, "mlflow_status").lower()
-        if status == "running" and row["mlflow_status"] in ("FAILED", "KILLED"):
+        status = _tag(row, contract.STATUS) or _get(row, "mlflow_status").lower()
+        if status == contract.RUNNING and row["mlflow_status"] in ("FAILED", "KILLED"):
             status = row["mlflow_status"].lower()
         out.append({
             "run_id": row["run_id"], "start_time": row["start_time"],
-            "config": _get(row, "tags.segrepro.config") or _get(row, "params.name", "?"),
-            "recipe": _get(row, "tags.segrepro.recipe") or _get(row, "params.recipe"),
-            "profile": _get(row, "tags.segrepro.profile") or _get(row, "params.profile"),
-            "status": status, "error": _get(row, "tags.segrepro.error"),
-            "parent_run_id": _get(row, "tags.mlflow.parentRunId"),
-            "config_hash": _get(row, "tags.segrepro.config_hash"),
-            "device": _get(row, "params.bench.device") or _get(row, "params.device"),
+            "config": _tag(row, contract.CONFIG) or _param(row, "name", "?"),
+            "recipe": _tag(row, contract.RECIPE) or _param(row, "recipe"),
+            "profile": _tag(row, contract.PROFILE) or _param(row, "profile"),
+            "status": status, "error": _tag(row, contract.ERROR),
+            "parent_run_id": _tag(row, contract.PARENT_RUN),
+            "config_hash": _tag(row, contract.CONFIG_HASH), "device": _device(row),
             "ss_protocol": eval_protocol(row, multi_scale=False),
             "msflip_protocol": eval_protocol(row, multi_scale=True), "bench_protocol": bench_protocol(row),
             "training": training_provenance(row),
@@ -186,20 +204,18 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 def _eval_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One row per finished ``segrepro eval`` run (EVAL_COLUMNS), oldest first."""
-    if "tags.segrepro.kind" not in df:
-        return pd.DataFrame(columns=EVAL_COLUMNS)
-    df = df[(df["tags.segrepro.kind"] == "eval") & (df["mlflow_status"] == "FINISHED")]
+    df = _of_kind(df, contract.KIND_EVAL)
     out = []
-    for _, row in df.sort_values("start_time", kind="stable").iterrows():
-        mode = _get(row, "tags.segrepro.mode", "ss")
-        value = row.get(f"metrics.{mode}/mIoU")
-        text = ", ".join(f"{k} {_get(row, f'params.protocol.{k}')}" for k in
+    for _, row in df[df["mlflow_status"] == "FINISHED"].iterrows():
+        mode = _tag(row, contract.MODE, contract.SS)
+        value = row.get(f"metrics.{contract.metric(mode, contract.MIOU)}")
+        text = ", ".join(f"{k} {_param(row, contract.PROTOCOL_PREFIX + k)}" for k in
                          ("window", "stride", "test_scale", "resize", "label_resolution", "bookkeeping"))
-        out.append({"run_id": row["run_id"], "start_time": row["start_time"], "config": _get(row, "tags.segrepro.config"),
-                    "checkpoint": _get(row, "tags.segrepro.checkpoint"), "source": _get(row, "tags.segrepro.source"),
-                    "protocol": _get(row, "tags.segrepro.protocol"), "mode": mode,
+        out.append({"run_id": row["run_id"], "start_time": row["start_time"], "config": _tag(row, contract.CONFIG),
+                    "checkpoint": _tag(row, contract.CHECKPOINT), "source": _tag(row, contract.SOURCE),
+                    "protocol": _tag(row, contract.PROTOCOL), "mode": mode,
                     "mIoU": float(value) if value is not None and pd.notna(value) else float("nan"),
-                    "protocol_text": text + f", normalisation {_get(row, 'params.protocol.normalization_used')}"})
+                    "protocol_text": text + f", normalisation {_param(row, contract.NORMALIZATION_USED)}"})
     return pd.DataFrame(out, columns=EVAL_COLUMNS)
 
 
@@ -248,39 +264,36 @@ def _no_progress_bar():
             os.environ[key] = old
 
 
-def _kernels(df: pd.DataFrame, uri: str, notes: list[str]) -> pd.DataFrame:
-    """The newest kernels profile run that has its CSV (older profiles are other devices or
-    older code; the report shows one consistent sweep)."""
+def _kernels(df: pd.DataFrame, uri: str, kind: str, notes: list[str]) -> pd.DataFrame:
+    """The CSV of the newest kernels run of ``kind`` that has a readable one, plus its run_id
+    (older runs are other devices or older code; the report shows one consistent sweep)."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    empty = pd.DataFrame(columns=KERNEL_COLUMNS + ["run_id"])
-    if df.empty or "tags.segrepro.kind" not in df:
-        return empty
-    profiles = df[df["tags.segrepro.kind"] == "kernels_profile"].sort_values("start_time", ascending=False)
-    for _, row in profiles.iterrows():
+    artifact, needed = contract.KERNELS_ARTIFACT[kind], KERNEL_COLUMNS[kind]
+    for _, row in _of_kind(df, kind).iloc[::-1].iterrows():
         with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
             try:
-                path = mlflow.artifacts.download_artifacts(run_id=row["run_id"], artifact_path=KERNELS_ARTIFACT,
+                path = mlflow.artifacts.download_artifacts(run_id=row["run_id"], artifact_path=artifact,
                                                            dst_path=tmp, tracking_uri=uri)
                 table = pd.read_csv(path)
             except (MlflowException, OSError, pd.errors.ParserError) as e:
-                notes.append(f"kernels profile run {row['run_id']}: no readable {KERNELS_ARTIFACT} "
-                             f"({type(e).__name__})")
+                notes.append(f"{kind} run {row['run_id']}: no readable {artifact} ({type(e).__name__})")
                 continue
-        missing = [c for c in ("kernel", "impl", "N", "tflops") if c not in table]
+        missing = [c for c in needed if c not in table]
         if missing:
-            notes.append(f"kernels profile run {row['run_id']}: {KERNELS_ARTIFACT} lacks {', '.join(missing)}")
+            notes.append(f"{kind} run {row['run_id']}: {artifact} lacks {', '.join(missing)}")
             continue
         table["run_id"] = row["run_id"]
         return table
-    return empty
+    return pd.DataFrame(columns=needed + ["run_id"])
 
 
-def collect(tracking_uri: str, experiment_name: str = EXPERIMENT) -> Collected:
+def collect(tracking_uri: str, experiment_name: str = contract.EXPERIMENT) -> Collected:
     """Everything the report shows; raises ReportError only when the store cannot be read."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     check_store(tracking_uri)
     notes: list[str] = []
@@ -290,9 +303,13 @@ def collect(tracking_uri: str, experiment_name: str = EXPERIMENT) -> Collected:
         df = _search_runs(client, experiment.experiment_id) if experiment else pd.DataFrame()
     except MlflowException as e:
         raise ReportError(f"cannot read MLflow store {tracking_uri}: {e.message}") from None
+    except SQLAlchemyError as e:  # damage the read-only probe could not see
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ReportError(f"MLflow store {tracking_uri} is not readable: {first}") from None
     if experiment is None:
         notes.append(f"no experiment {experiment_name!r} in {tracking_uri}: documented figures only")
     runs = _config_runs(df)
     return Collected(long=_long_table(runs), runs=runs, curves=_curves(client, runs),
-                     kernels=_kernels(df, tracking_uri, notes), tracking_uri=tracking_uri, notes=notes,
-                     evals=_eval_runs(df))
+                     kernels=_kernels(df, tracking_uri, contract.KIND_KERNELS_PROFILE, notes),
+                     tracking_uri=tracking_uri, notes=notes, evals=_eval_runs(df),
+                     kernel_check=_kernels(df, tracking_uri, contract.KIND_KERNELS_CHECK, notes))

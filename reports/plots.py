@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness import contract  # noqa: E402
 from reports.tables import DOCUMENTED_MIOU, EVALS, miou_label  # noqa: E402
 
 
@@ -47,7 +48,8 @@ def curves_plot(curves: pd.DataFrame) -> bytes | None:
     """Loss, learning rate and val mIoU against iteration, one line per run."""
     if curves.empty:
         return None
-    panels = [("train/loss", "training loss"), ("train/lr", "learning rate"), ("val/mIoU", "val mIoU (%)")]
+    panels = [(contract.TRAIN_LOSS, "training loss"), (contract.TRAIN_LR, "learning rate"),
+              (contract.VAL_MIOU, "val mIoU (%)")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, (metric, title) in zip(axes, panels):
         for (config, profile, run_id), g in curves[curves["metric"] == metric].groupby(

@@ -1,20 +1,14 @@
-"""Markdown and self-contained HTML from the views; every file written atomically."""
+"""Markdown and self-contained HTML from the views."""
 from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
 # Display formats by column: the figures' own precision, never more.
-_SPECIAL = {"final lr": "{:.2e}"}
+_SPECIAL = {"final lr": "{:.2e}", "max abs error": "{:.2e}", "limit": "{:.1e}"}
 _INTEGER = {"last iteration", "best at iteration", "B", "H", "N", "D", "C"}
 _VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb"}
 
@@ -27,22 +21,6 @@ class Section:
     empty_text: str = "None logged."
     image: bytes | None = None       # PNG
     image_name: str = ""             # file stem for the Markdown report's plots/
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same directory, then rename over the target: a reader
-    never sees half a report, and a failed write leaves the previous one in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make a shared report unreadable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _cell(column: str, value) -> str:

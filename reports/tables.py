@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from harness import contract
 from harness.config import documented_sources, zoo_names
 from reports.collect import SOURCE, Collected
 
@@ -19,7 +20,7 @@ TOLERANCE = 0.5
 BASELINE_ORDER = ("reference", "paddlevit")
 SOURCE_LABEL = {"paddlevit": "PaddleViT", "reference": "reference", "mmseg": "MMSeg", SOURCE: "segrepro"}
 # (column name, documented metric, MLflow metric) of the two evaluations
-EVALS = (("ss", "miou_ss", "ss/mIoU"), ("ms+flip", "miou_msflip", "msflip/mIoU"))
+EVALS = (("ss", "miou_ss", contract.SS_MIOU), ("ms+flip", "miou_msflip", contract.MSFLIP_MIOU))
 DOCUMENTED_MIOU = [("paddlevit", "miou_ss"), ("reference", "miou_ss"), ("reference", "miou_msflip"),
                    ("mmseg", "miou_ss"), ("mmseg", "miou_msflip")]
 
@@ -123,9 +124,9 @@ def miou_view(c: Collected, tolerance: float = TOLERANCE) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-BENCH_COLUMNS = [("bench/images_per_s", "images/s"), ("bench/latency_median_ms", "latency median ms"),
-                 ("bench/latency_p90_ms", "latency p90 ms"), ("bench/gflops", "GFLOPs"),
-                 ("bench/params_m", "params M"), ("bench/peak_memory_mb", "peak memory MB")]
+BENCH_COLUMNS = [(contract.BENCH_IMAGES_PER_S, "images/s"), (contract.BENCH_LATENCY_MEDIAN_MS, "latency median ms"),
+                 (contract.BENCH_LATENCY_P90_MS, "latency p90 ms"), (contract.BENCH_GFLOPS, "GFLOPs"),
+                 (contract.BENCH_PARAMS_M, "params M"), (contract.BENCH_PEAK_MEMORY_MB, "peak memory MB")]
 DOCUMENTED_BENCH = [("reference", "fps", "reference fps"), ("mmseg", "fps", "MMSeg fps"),
                     ("reference", "params", "reference params M"), ("mmseg", "train_memory", "MMSeg train memory GB")]
 
@@ -186,19 +187,32 @@ def kernels_view(c: Collected) -> pd.DataFrame:
     return wide[ordered].reset_index()
 
 
+def kernel_check_view(c: Collected) -> pd.DataFrame:
+    """The newest interpreter correctness check: per shape, dtype and output (the forward
+    result and each gradient), the kernel's max abs error against the PyTorch reference, the
+    error allowed and the result."""
+    k = c.kernel_check
+    cols = ["shape", "dtype", "output", "max abs error", "limit", "result"]
+    if k.empty:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame({"shape": k["shape"], "dtype": k["dtype"], "output": k["output"],
+                         "max abs error": k["max_abs_err"], "limit": k["limit"],
+                         "result": k["passed"].map({True: "pass", False: "FAIL"})}, columns=cols)
+
+
 def curves_view(c: Collected) -> pd.DataFrame:
     """Per shown run: how far training went and where loss, lr and val mIoU ended."""
     rows = []
     shown = set(shown_runs(c)["run_id"]) if not c.runs.empty else set()
     for run_id, g in c.curves[c.curves["run_id"].isin(shown)].groupby("run_id", sort=False):
         last = {m: s.sort_values("step").iloc[-1] for m, s in g.groupby("metric")}
-        val = g[g["metric"] == "val/mIoU"]
+        val = g[g["metric"] == contract.VAL_MIOU]
         best = val.loc[val["value"].idxmax()] if not val.empty else None
         rows.append({"config": g["config"].iloc[0], "profile": g["profile"].iloc[0],
                      "last iteration": int(g["step"].max()),
-                     "final loss": last["train/loss"]["value"] if "train/loss" in last else None,
-                     "final lr": last["train/lr"]["value"] if "train/lr" in last else None,
-                     "last val mIoU": last["val/mIoU"]["value"] if "val/mIoU" in last else None,
+                     "final loss": last[contract.TRAIN_LOSS]["value"] if contract.TRAIN_LOSS in last else None,
+                     "final lr": last[contract.TRAIN_LR]["value"] if contract.TRAIN_LR in last else None,
+                     "last val mIoU": last[contract.VAL_MIOU]["value"] if contract.VAL_MIOU in last else None,
                      "best val mIoU": None if best is None else best["value"],
                      "best at iteration": None if best is None else int(best["step"]),
                      "run_id": run_id})

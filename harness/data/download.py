@@ -13,6 +13,12 @@ Files, all beside the dataset directory (``dataset_dir(root).parent``):
   directory and its ``ADEChallengeData2016`` renamed into place only when complete; a
   leftover from an interrupted run is removed by the next call.
 So ``ADEChallengeData2016`` exists only when complete: if it exists, download() returns it.
+
+Only the dataset's layout is extracted: files in
+``ADEChallengeData2016/{images,annotations}/{training,validation}/``. The directory entries
+of that tree and the official archive's metadata files (``objectInfo150.txt``,
+``sceneCategories.txt``) are skipped; any other member (``../x``, an absolute path, another
+folder) refuses the whole archive before anything is written.
 """
 from __future__ import annotations
 
@@ -33,11 +39,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .ade20k import DATASET_DIRNAME, dataset_dir
+from harness.config import InputError
+
+from .ade20k import DATASET_DIRNAME, SPLITS, dataset_dir
 
 OFFICIAL_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 OFFICIAL_SHA1 = "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"
 ARCHIVE_NAME = f"{DATASET_DIRNAME}.zip"
+KINDS = ("images", "annotations")
+# beside the splits in the official archive; segrepro reads neither
+METADATA_FILES = tuple(f"{DATASET_DIRNAME}/{name}" for name in ("objectInfo150.txt", "sceneCategories.txt"))
 
 # What a dropped or stalled connection raises while streaming; worth a resume.
 _TRANSIENT = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError,
@@ -105,21 +116,48 @@ def _fetch(url: str, part: Path, timeout: float, chunk_size: int, progress: bool
             raise _Interrupted(f"connection closed after {got} of {total} bytes")
 
 
+def _along_layout(parts: list[str]) -> bool:
+    """Whether path components follow ADEChallengeData2016/{images,annotations}/{training,validation}."""
+    return all(part in allowed for part, allowed in zip(parts, ({DATASET_DIRNAME}, KINDS, SPLITS)))
+
+
+def _dataset_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
+    """The archive's files in the dataset layout; raises InputError naming the first member
+    outside it (see the module doc)."""
+    keep = []
+    for member in zf.infolist():
+        parts = member.filename.split("/")
+        if member.is_dir():  # "A/B/" splits as [A, B, ""]
+            inside = 2 <= len(parts) <= 4 and _along_layout(parts[:-1])
+        elif member.filename in METADATA_FILES:
+            inside = True
+        else:
+            inside = len(parts) == 4 and _along_layout(parts[:3]) and parts[3] not in ("", ".", "..")
+            if inside:
+                keep.append(member)
+        if not inside:
+            raise InputError(f"{archive}: member {member.filename!r} lies outside "
+                             f"{DATASET_DIRNAME}/{{images,annotations}}/{{training,validation}}/; "
+                             f"refusing to extract the archive")
+    return keep
+
+
 def _extract(archive: Path, target: Path, progress: bool) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_DIRNAME}.extract-", dir=target.parent))
     try:
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                for member in tqdm(zf.infolist(), desc="extract", unit="file", disable=not progress):
-                    zf.extract(member, tmp)  # extract() drops absolute and '..' components
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-            raise DownloadError(f"{archive}: not a valid zip archive ({e}); delete it to download again") from e
-        src = tmp / DATASET_DIRNAME
-        if not src.is_dir():
-            raise DownloadError(f"{archive}: no top-level {DATASET_DIRNAME}/ directory in the archive")
-        os.replace(src, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(archive) as zf:
+            members = _dataset_members(zf, archive)
+            if not members:
+                raise DownloadError(f"{archive}: no files under {DATASET_DIRNAME}/{{images,annotations}}/ "
+                                    f"in the archive")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET_DIRNAME}.extract-", dir=target.parent))
+            try:
+                for member in tqdm(members, desc="extract", unit="file", disable=not progress):
+                    zf.extract(member, tmp)
+                os.replace(tmp / DATASET_DIRNAME, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise DownloadError(f"{archive}: not a valid zip archive ({e}); delete it to download again") from e
 
 
 def download(root: str | Path, url: str = OFFICIAL_URL, sha1: str = OFFICIAL_SHA1, *,

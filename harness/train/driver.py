@@ -13,13 +13,12 @@ from harness import weights
 from harness.atomic import write_json
 from harness.config import Config, InputError
 from harness.data import ADE20K, DataError
-from harness.tracking import init_tag
+from harness.tracking import end_train_run, train_run
 from harness.train.checkpoint import CONFIG_FILE, MODEL_FILE, check_resumable
 from harness.train.loop import Progress, format_progress, ray_worker
 
 
 RESULT_FILE = "train_result.json"
-MLFLOW_RUN_FILE = "mlflow_run_id"
 RAY_RUN_NAME = "train"
 MAX_FAILURES = 3
 
@@ -40,48 +39,6 @@ def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float) 
             ADE20K(data_root, split)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"--data-root {data_root}: {e}") from None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _mlflow_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str | None) -> tuple[dict | None, bool]:
-    """(tracking dict for the workers, whether this call created the run and so ends it).
-
-    A given run id belongs to the caller (who logs its parameters); otherwise one run per run
-    directory is created (and reused on resume) with every config value as a parameter."""
-    if not (tracking_uri or run_id):
-        return None, False
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Param, RunTag
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
-    if run_id:
-        return {"uri": uri, "run_id": run_id}, False
-    client = MlflowClient(uri)
-    saved = run_dir / MLFLOW_RUN_FILE
-    if saved.is_file():
-        return {"uri": uri, "run_id": saved.read_text().strip()}, True
-    exp = client.get_experiment_by_name("segrepro")
-    exp_id = exp.experiment_id if exp else client.create_experiment("segrepro")
-    run = client.create_run(exp_id, run_name=f"train-{cfg.name}-{cfg.recipe}-{cfg.profile}",
-                            tags={"segrepro.config": cfg.name, "segrepro.recipe": cfg.recipe,
-                                  "segrepro.profile": cfg.profile, "segrepro.config_hash": cfg.config_hash(),
-                                  "segrepro.stage": "train", "segrepro.init": init_tag(cfg)})
-    params = [Param(k, json.dumps(v) if isinstance(v, list) else str(v)) for k, v in _flat(cfg.to_dict()).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    client.log_batch(run.info.run_id, tags=[RunTag("segrepro.run_dir", str(run_dir))])
-    saved.write_text(run.info.run_id)
-    return {"uri": uri, "run_id": run.info.run_id}, True
 
 
 def _drain(queue, stop: threading.Event, callback: Progress) -> None:
@@ -140,7 +97,7 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
         if saved:  # Ray names checkpoint directories by time
             check_resumable(json.loads(saved[-1].read_text()), cfg, saved[-1].parent)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracking, owns_run = _mlflow_run(cfg, run_dir, tracking_uri, mlflow_run_id)
+    tracking, owns_run = train_run(cfg, run_dir, tracking_uri, mlflow_run_id)
 
     ensure_ray(address)
     queue = Queue(actor_options={"num_cpus": 0})
@@ -163,18 +120,16 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
             # the test hooks and the experiments directory reach workers started after ray.init
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("SEGREPRO_")}}),
     )
-    status = "FAILED"
+    error = "training did not finish"
     try:
         result = trainer.fit()
         data_error = (result.return_value or {}).get("data_error")
-        status = "FAILED" if data_error else "FINISHED"
+        error = data_error and f"bad dataset file: {data_error}"
     finally:
         stop.set()
         drainer.join()
         if owns_run:
-            from mlflow import MlflowClient
-
-            MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], status)
+            end_train_run(tracking, error)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
     if data_error:
         raise DataError(f"{cfg.name}: training stopped on a bad dataset file: {data_error}")

@@ -23,6 +23,7 @@ from harness.data import ADE20K, IGNORE_INDEX, DataError, build_train_transform,
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights
 from harness.optim import build_optimizer
+from harness.tracking import MetricsLogger
 from harness.train.checkpoint import TrainState, restore, save, seed_everything
 from harness.train.session import RaySession, Session
 
@@ -179,25 +180,6 @@ def _trace(rank: int, iteration: int, start: int, loss: float) -> None:
                                 "loss": loss}) + "\n")
 
 
-class _MlflowLogger:
-    """Metrics of rank 0 to one MLflow run (names are a contract with reports/)."""
-
-    def __init__(self, tracking: dict | None):
-        self.client = self.run_id = None
-        if tracking:
-            from mlflow import MlflowClient
-
-            self.client, self.run_id = MlflowClient(tracking["uri"]), tracking["run_id"]
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-
 def _load_backbone(model, cfg: Config, path: Path) -> None:
     """The ImageNet encoder weights, checked to be the very file the driver resolved (a node
     may hold another file at the same path)."""
@@ -271,7 +253,7 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     end = o.iterations if stop_after is None else min(stop_after, o.iterations)
-    mlflow = _MlflowLogger(tracking if rank == 0 else None)
+    mlflow = MetricsLogger(tracking if rank == 0 else None)
     window_loss, window_n = 0.0, 0
     # ETA from the time of training iterations, data loading included, evaluation excluded
     train_time, tick = 0.0, time.perf_counter()

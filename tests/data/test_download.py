@@ -9,20 +9,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from harness import cli
 from harness.data import download as dl
 from harness.data.check import check_dataset
-from harness.data.download import ARCHIVE_NAME, DownloadError, download
+from harness.data.download import ARCHIVE_NAME, METADATA_FILES, DownloadError, download
+from harness.data.synth import METADATA_FILE
 
 BASE = "ADEChallengeData2016"
 
 
-@pytest.fixture(scope="module")
-def archive(synth_root):
-    """A zip of the generated dataset with the official top-level directory."""
+def _zip(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(synth_root):
+    """A zip of the generated dataset laid out as the official one: its directory entries,
+    images and annotations, and its two metadata files (not the generator's own record)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.write(synth_root / BASE, BASE)
         for p in sorted((synth_root / BASE).rglob("*")):
-            zf.write(p, p.relative_to(synth_root).as_posix())
+            if p.name != METADATA_FILE:
+                zf.write(p, p.relative_to(synth_root).as_posix())
+        for name in METADATA_FILES:
+            zf.writestr(name, "metadata\n")
     return buf.getvalue()
 
 
@@ -94,6 +109,7 @@ def test_good_archive(tmp_path, server, archive):
     out = fetch(tmp_path, server, sha1(archive))
     assert out == tmp_path / BASE
     assert check_dataset(out, progress=False) == []
+    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images"]  # metadata files skipped
     assert leftovers(tmp_path) == [BASE]  # no .part, no zip, no temp dir
     assert server.ranges == [None]
     # Already complete: nothing is fetched again; the dataset dir itself is accepted as root.
@@ -129,14 +145,29 @@ def test_truncated_archive(tmp_path, server, archive):
     assert not any(p.name.startswith(f".{BASE}.extract-") for p in (tmp_path / "other").iterdir())
 
 
-def test_archive_without_dataset_dir(tmp_path, server):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("something/else.txt", "x")
-    server.data = buf.getvalue()
-    with pytest.raises(DownloadError, match=f"no top-level {BASE}"):
+def test_archive_without_dataset_files(tmp_path, server):
+    server.data = _zip({f"{BASE}/": b"", METADATA_FILES[0]: b"x"})
+    with pytest.raises(DownloadError, match=f"no files under {BASE}/"):
         fetch(tmp_path, server, sha1(server.data))
     assert not (tmp_path / BASE).exists()
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil.txt", f"{BASE}/../evil.txt",
+                                    f"{BASE}/images/training/../../../evil.txt", f"{BASE}/other/x.png",
+                                    f"{BASE}/images/x.jpg", f"{BASE}/images/training/sub/x.jpg", "other/"])
+def test_a_member_outside_the_layout_refuses_the_archive(tmp_path, server, archive, capsys, member):
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    server.data = _zip({**members, member: b"x"})
+    assert cli.main(["data", "download", "--root", str(tmp_path), "--url", server.url,
+                     "--sha1", sha1(server.data)]) == 2
+    stderr = capsys.readouterr().err  # the download's progress bar, then one message
+    err = stderr.splitlines()[-1]
+    assert err.startswith("segrepro data download:") and repr(member) in err and ARCHIVE_NAME in err
+    assert "Traceback" not in stderr
+    # refused before writing anything: no dataset, no extraction directory, nothing outside
+    assert leftovers(tmp_path) == [ARCHIVE_NAME]
+    assert not (tmp_path.parent / "evil.txt").exists() and not list(tmp_path.rglob("evil.txt"))
 
 
 def test_drop_mid_transfer_leaves_resumable_part_then_resumes(tmp_path, server, archive):

@@ -1,4 +1,5 @@
-"""kernels.profile: SPEC parsing, zoo shapes, FLOP/byte counts, CSV writing and run() end to end."""
+"""kernels.profile: SPEC parsing, zoo shapes, FLOP/byte counts, the CSV, and `segrepro kernels
+profile` end to end (its CSV and its MLflow run through harness.tracking)."""
 
 import argparse
 import csv
@@ -8,8 +9,9 @@ import pytest
 import torch
 from kernel_helpers import no_cuda_only, requires_cuda
 
+from harness import cli, contract
 from kernels import profile
-from kernels.profile import AttnShape, MaskShape, ModelDims, SpecError, parse_spec, zoo_shapes
+from kernels.profile import AttnShape, MaskShape, ModelDims, ProfileError, SpecError, parse_spec, zoo_shapes
 
 ZOO = [
     ModelDims("Seg-T-Mask/16", 192, 3, 16, 1, 150, "mask", 3),
@@ -55,18 +57,17 @@ def test_parse_spec_errors_name_the_bad_token(spec, token, reason):
     assert repr(token) in str(info.value) or spec == ""
 
 
-def test_run_with_bad_spec_returns_2_and_names_the_token(capsys):
-    assert profile.run(_args("--shapes", "attn:B=1,H=1,N=8,D=32;attn:B=1,H=x"), ZOO) == 2
-    err = capsys.readouterr().err
+def test_bad_spec_exits_2_and_names_the_token(capsys):
+    assert cli.main(["kernels", "profile", "--shapes", "attn:B=1,H=1,N=8,D=32;attn:B=1,H=x"]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
     assert "--shapes" in err and "'attn:B=1,H=x'" in err
 
 
-def test_run_with_bad_zoo_returns_2(capsys):
-    assert profile.run(_args(), []) == 2
-    assert "empty" in capsys.readouterr().err
-    bad = [ModelDims("odd", 100, 3, 16, 1, 150, "mask", 3)]
-    assert profile.run(_args(), bad) == 2
-    assert "'odd'" in capsys.readouterr().err
+def test_bad_zoo_is_refused():
+    with pytest.raises(ProfileError, match="empty"):
+        profile.measure(_args(), [])
+    with pytest.raises(ProfileError, match="'odd'"):
+        profile.measure(_args(), [ModelDims("odd", 100, 3, 16, 1, 150, "mask", 3)])
 
 
 def test_zoo_shapes():
@@ -98,20 +99,16 @@ def test_flop_and_byte_counts():
     assert profile.interface_bytes(m, "fwd", 4) == (160 + 80 + 100) * 4 + 2 * 5 * 4
 
 
-def test_write_csv_is_atomic_and_keeps_the_old_file_on_failure(tmp_path):
-    path = tmp_path / "out" / "t.csv"
-    profile.write_csv([{"a": 1, "b": 2.5}], path)
-    assert path.read_text() == "a,b\n1,2.5\n"
+def test_csv_text():
+    assert profile.csv_text([{"a": 1, "b": 2.5}, {"a": "x,y", "b": None}]) == 'a,b\n1,2.5\n"x,y",\n'
     with pytest.raises(ValueError):  # a row with a field the header lacks
-        profile.write_csv([{"a": 1}, {"zzz": 2}], path)
-    assert path.read_text() == "a,b\n1,2.5\n"
-    assert [p.name for p in path.parent.iterdir()] == ["t.csv"]
+        profile.csv_text([{"a": 1}, {"zzz": 2}])
 
 
 @no_cuda_only
 def test_no_gpu_run_checks_and_writes_csv(tmp_path, capsys):
     spec = "attn:B=1,H=2,N=40,D=32;mask:B=1,N=40,C=150,D=64"
-    assert profile.run(_args("--shapes", spec, "--out", str(tmp_path)), ZOO) == 0
+    assert cli.main(["kernels", "profile", "--shapes", spec, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert sum("No CUDA GPU" in line for line in out) == 1 and "No CUDA GPU" in out[0]
     with open(tmp_path / "kernels_check.csv", newline="") as f:
@@ -130,19 +127,17 @@ def test_no_gpu_run_checks_and_writes_csv(tmp_path, capsys):
 def test_no_gpu_run_returns_1_when_a_check_fails(capsys, monkeypatch):
     # A zero tolerance makes every inexact output fail, which must reach the exit status.
     monkeypatch.setitem(profile.CHECK_TOLERANCE, "fp32", 0.0)
-    assert profile.run(_args("--shapes", "attn:B=1,H=1,N=20,D=16", "--dtype", "fp32"), ZOO) == 1
+    assert cli.main(["kernels", "profile", "--shapes", "attn:B=1,H=1,N=20,D=16", "--dtype", "fp32"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
 @no_cuda_only
-def test_no_gpu_run_json_and_mlflow(tmp_path, capsys, monkeypatch):
-    import mlflow
+def test_no_gpu_run_json_and_mlflow(tmp_path, capsys):
+    from mlflow import MlflowClient
 
-    monkeypatch.chdir(tmp_path)  # MLflow puts a sqlite store's artifacts under ./mlruns
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _args("--shapes", "attn:B=1,H=1,N=20,D=16", "--dtype", "fp16", "--json",
-                 "--tracking-uri", uri)
-    assert profile.run(args, ZOO) == 0
+    uri = contract.default_tracking_uri(tmp_path)
+    assert cli.main(["kernels", "profile", "--shapes", "attn:B=1,H=1,N=20,D=16", "--dtype", "fp16", "--json",
+                     "--tracking-uri", uri]) == 0
     captured = capsys.readouterr()
     assert "No CUDA GPU" in captured.err  # stdout stays pure JSON
     result = json.loads(captured.out)
@@ -150,21 +145,38 @@ def test_no_gpu_run_json_and_mlflow(tmp_path, capsys, monkeypatch):
     assert result["device"]["device_type"] == "cpu"
     assert {r["output"] for r in result["rows"]} == {"out", "dq", "dk", "dv"}
 
-    mlflow.set_tracking_uri(uri)
-    (run,) = mlflow.search_runs(experiment_names=[profile.MLFLOW_EXPERIMENT], output_format="list")
-    assert run.data.params["device_type"] == "cpu" and run.data.params["kind"] == "check"
-    assert run.data.tags["segrepro.kind"] == "kernels_check"
-    assert run.data.metrics["checks_failed"] == 0
-    assert "attn_B_1_H_1_N_20_D_16/fp16/dq/max_abs_err" in run.data.metrics
-    artifacts = mlflow.MlflowClient().list_artifacts(run.info.run_id)
-    assert [a.path for a in artifacts] == ["kernels_check.csv"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(contract.EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["device_type"] == "cpu" and run.data.params[contract.KERNELS_KIND_PARAM] == "check"
+    assert run.data.tags[contract.KIND] == contract.KIND_KERNELS_CHECK
+    assert run.data.metrics[contract.CHECKS_FAILED] == 0
+    assert run.data.metrics["attn_B_1_H_1_N_20_D_16/fp16/dq/max_abs_err"] == pytest.approx(
+        next(r["max_abs_err"] for r in result["rows"] if r["output"] == "dq"))
+    artifact = contract.KERNELS_ARTIFACT[contract.KIND_KERNELS_CHECK]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == [artifact]
+    with open(client.download_artifacts(run.info.run_id, artifact, str(tmp_path)), newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert [(r["shape"], r["output"]) for r in logged] == [(r["shape"], r["output"]) for r in result["rows"]]
+
+
+@no_cuda_only
+def test_a_damaged_store_is_refused_before_the_check_runs(tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database" * 100)
+    assert cli.main(["kernels", "profile", "--shapes", "attn:B=1,H=1,N=20,D=16",
+                     "--tracking-uri", contract.default_tracking_uri(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    (err,) = captured.err.splitlines()
+    assert str(db) in err and "not a readable MLflow store" in err
+    assert "No CUDA GPU" not in captured.out + captured.err  # nothing measured
 
 
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_profile_times_every_impl(tmp_path):
     spec = "attn:B=2,H=4,N=257,D=64;mask:B=2,N=256,C=150,D=384"
-    assert profile.run(_args("--shapes", spec, "--out", str(tmp_path)), ZOO) == 0
+    assert cli.main(["kernels", "profile", "--shapes", spec, "--out", str(tmp_path)]) == 0
     with open(tmp_path / "kernels_profile.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     timed = [r for r in rows if r["status"] == "ok"]

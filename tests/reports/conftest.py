@@ -1,27 +1,25 @@
-"""One generated MLflow store for all report tests, written through MLflow's own API the way
-`segrepro reproduce` writes it (see reports/collect.py for the conventions)."""
+"""One MLflow store for all report tests, written through harness.tracking (the writer every
+command uses) with real zoo configurations, plus the kernels runs `segrepro kernels profile`
+logs: the interpreter correctness check as it really runs here, and timing rows as the
+profiler builds them on a GPU (with times stated here: this machine times nothing)."""
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from harness.config import load_documented
+from harness.config import load_config, load_documented
+from harness.contract import (AACC, BENCH_GFLOPS, BENCH_IMAGES_PER_S, BENCH_LATENCY_MEDIAN_MS, BENCH_LATENCY_P90_MS,
+                              BENCH_PARAMS_M, BENCH_PEAK_MEMORY_MB, BENCH_PREFIX, MACC, MSFLIP_MIOU, SS, SS_MIOU,
+                              TRAIN_LOSS, TRAIN_LR, VAL_MIOU, WALL_TIME, default_tracking_uri, metric)
+from harness.tracking import MetricsLogger, Tracker, init_tag
 
-EVAL_PARAMS = {"eval.window": "512", "eval.stride": "480", "eval.scales": "[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]",
-               "eval.flip": "True", "eval.small_views": "upsample"}
-BENCH_PARAMS = {"bench.batch_size": "1", "bench.precision": "fp32", "bench.image_size": "512", "bench.device": "cpu"}
-# what an encoder trained from the Hugging Face checkpoint records (harness.tracking.init_tag)
-PRETRAINED_INIT = "vit_tiny_patch16_384.augreg_in21k_ft_in1k sha256:" + "5e" * 32
-KERNEL_ROWS = [  # kernel, impl, direction, B, H, N, D, C, stat, tflops (ms, gbps, frac_peak derived)
-    (k, impl, "fwd", 8, 3, n, 64, c, stat, tf)
-    for k, c in (("attention", ""), ("mask_decoder", 150))
-    for impl, scale in (("torch", 1.0), ("triton", 1.6))
-    for n, base in ((257, 2.0), (1025, 5.0), (4097, 9.0))
-    for stat, tf in (("median", base * scale), ("p90", base * scale * 0.8))
-]
+PRETRAINED_SHA256 = "5e" * 32  # what weights.resolve records for a cached ImageNet checkpoint
+CHECK_SPEC = "attn:B=1,H=1,N=20,D=16;mask:B=1,N=20,C=8,D=16"  # small: the interpreter is slow
+TIMED_SHAPES = ("attn:B=8,H=3,N=257,D=64;attn:B=8,H=3,N=1025,D=64;attn:B=8,H=3,N=4097,D=64;"
+                "mask:B=8,N=256,C=150,D=192;mask:B=8,N=1024,C=150,D=192")
+TIMED_MS = {"triton": 0.5, "reference": 0.8}  # median fwd ms at N = 257, scaled by N below
 
 
 @dataclass
@@ -31,92 +29,100 @@ class Store:
     doc: dict           # (config, source, metric) -> documented value
     runs: dict          # label -> run id
     logged: dict        # label -> {metric: value} of the final metrics each run logged
-    kernel_rows: list   # the kernels profile CSV's rows (see KERNEL_ROWS)
-    pretrained_init: str = PRETRAINED_INIT  # the init tag of the "tiny" run
+    timed_rows: list    # the kernels profile run's rows (as profile_gpu builds them)
+    check_rows: list    # the kernels check run's rows (correctness_check, run here)
+    pretrained_init: str  # the init tag of the "tiny" run
 
 
-def _child(client, exp, parent, start, config, profile, status, metrics, *, recipe="reference", error=None,
-           curves=None, bench=False, mlflow_status=None, init="scratch", amp="fp32"):
-    from mlflow.entities import Metric, Param, RunTag
+def _cfg(name: str, init: str = "scratch", **kw):
+    """A configuration resolved as weights.resolve leaves it: from scratch or from a checkpoint."""
+    overrides = kw.pop("overrides", {})
+    model = {"init": init, "init_sha256": PRETRAINED_SHA256 if init == "pretrained" else None}
+    return load_config(name, overrides={**overrides, "model": model}, **kw)
 
-    tags = {"segrepro.kind": "config", "segrepro.config": config, "segrepro.recipe": recipe,
-            "segrepro.profile": profile, "segrepro.config_hash": f"hash-{config}", "segrepro.status": status,
-            "mlflow.parentRunId": parent, "segrepro.init": init}
-    if error:
-        tags["segrepro.error"] = error
-    run = client.create_run(exp, start_time=start, tags=tags, run_name=config)
-    rid = run.info.run_id
-    params = {"name": config, "recipe": recipe, "profile": profile, "model.d_model": "192",
-              "git_commit": "0" * 40, "device": "cpu", "versions.torch": "2.14.1", "optim.amp": amp, **EVAL_PARAMS,
-              **(BENCH_PARAMS if bench else {})}
-    batch = [Metric(k, v, start, 0) for k, v in metrics.items()]
-    for metric, points in (curves or {}).items():
-        batch += [Metric(metric, v, start + step, step) for step, v in points]
-    client.log_batch(rid, metrics=batch, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
-    client.set_terminated(rid, mlflow_status or {"finished": "FINISHED", "failed": "FAILED"}[status],
-                          end_time=start + 1000)
-    return rid
+
+def _config_run(tracker, parent, facts, cfg, *, metrics=None, curves=None, bench=False, error=None, finish=True):
+    """What the reproduce driver does with a configuration's run, through the same writer."""
+    run_id, _ = tracker.child_run(cfg, parent, facts)
+    logger = MetricsLogger({"uri": tracker.uri, "run_id": run_id})
+    for step, values in curves or []:
+        logger.log(values, step)
+    if bench:  # the benchmark protocol's params the config does not hold
+        tracker.log_params(run_id, {BENCH_PREFIX + "device": "cpu", BENCH_PREFIX + "image_size": 512})
+    tracker.log_final_metrics(run_id, metrics or {})
+    if finish:
+        tracker.finish(run_id, error)
+    return run_id
+
+
+def _timed_rows(facts: dict) -> list[dict]:
+    from kernels import profile
+
+    rows = []
+    for shape in profile.parse_spec(TIMED_SHAPES):
+        flops = profile.attention_flops if shape.kind == "attn" else profile.mask_flops
+        for impl, ms in TIMED_MS.items():
+            for direction in ("fwd", "bwd"):
+                median = ms * (shape.N / 257) ** 1.5 * (1 if direction == "fwd" else 2.5)
+                rows += profile.timing_rows(shape, "fp16", impl, direction, [median, 0.9 * median, 1.2 * median],
+                                            "ok", flops(shape, direction), profile.interface_bytes(shape, direction, 2),
+                                            facts, [])
+    return rows
 
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> Store:
-    from mlflow import MlflowClient
+    from kernels import profile
+    from kernels.device import device_facts
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("segrepro", artifact_location=(root / "artifacts").as_uri())
+    uri = default_tracking_uri(root)
+    tracker = Tracker(uri, root)
+    facts = device_facts()
     doc = {(d["config"], d["source"], d["metric"]): d["value"] for d in load_documented()}
-    parent = client.create_run(exp, start_time=1_000_000, tags={"segrepro.kind": "reproduce"}).info.run_id
+    parent = tracker.start_parent(["reproduce", "--configs", "seed"])
 
-    loss = [(s, 5.0 - s / 50) for s in range(0, 101, 10)]
-    lr = [(s, 1e-3 * (1 - s / 101) ** 0.9) for s in range(0, 101, 10)]
-    val = [(50, 20.0), (100, 30.0)]
-    bench = {"bench/images_per_s": 3.25, "bench/latency_median_ms": 307.5, "bench/latency_p90_ms": 320.25,
-             "bench/gflops": 31.5, "bench/params_m": 6.75, "bench/peak_memory_mb": 812.0}
+    curves = [(s, {TRAIN_LOSS: 5.0 - s / 50, TRAIN_LR: 1e-3 * (1 - s / 101) ** 0.9,
+                   **({VAL_MIOU: 20.0 + s / 10} if s in (50, 100) else {})}) for s in range(0, 101, 10)]
+    bench = {BENCH_IMAGES_PER_S: 3.25, BENCH_LATENCY_MEDIAN_MS: 307.5, BENCH_LATENCY_P90_MS: 320.25,
+             BENCH_GFLOPS: 31.5, BENCH_PARAMS_M: 6.75, BENCH_PEAK_MEMORY_MB: 812.0}
     logged = {
-        "tiny": {"ss/mIoU": doc["seg_tiny_mask", "reference", "miou_ss"] + 0.3,
-                 "msflip/mIoU": doc["seg_tiny_mask", "reference", "miou_msflip"] - 0.4,
-                 "ss/mAcc": 50.0, "ss/aAcc": 75.0, **bench, "wall_time_s": 600.0},
-        "small": {"ss/mIoU": doc["seg_small_mask", "reference", "miou_ss"] - 2.0,
-                  "msflip/mIoU": doc["seg_small_mask", "reference", "miou_msflip"] + 1.5},
-        "base_smoke": {"ss/mIoU": 3.2, "msflip/mIoU": 3.5},
-        "deit_mask_pvt": {"ss/mIoU": doc["seg_base_deit_mask", "paddlevit", "miou_ss"] + 0.1},
+        "tiny": {SS_MIOU: doc["seg_tiny_mask", "reference", "miou_ss"] + 0.3,
+                 MSFLIP_MIOU: doc["seg_tiny_mask", "reference", "miou_msflip"] - 0.4,
+                 metric(SS, MACC): 50.0, metric(SS, AACC): 75.0, **bench, WALL_TIME: 600.0},
+        "small": {SS_MIOU: doc["seg_small_mask", "reference", "miou_ss"] - 2.0,
+                  MSFLIP_MIOU: doc["seg_small_mask", "reference", "miou_msflip"] + 1.5},
+        "base_smoke": {SS_MIOU: 3.2, MSFLIP_MIOU: 3.5},
+        "deit_mask_pvt": {SS_MIOU: doc["seg_base_deit_mask", "paddlevit", "miou_ss"] + 0.1},
     }
+    tiny = _cfg("seg_tiny_mask", init="pretrained")
     runs = {
-        # An older failed run of the same configuration and profile: superseded, shown only in results.csv.
-        "tiny_old": _child(client, exp, parent, 2_000_000, "seg_tiny_mask", "full", "failed", {},
-                           error="superseded failure"),
-        "tiny": _child(client, exp, parent, 3_000_000, "seg_tiny_mask", "full", "finished", logged["tiny"],
-                       curves={"train/loss": loss, "train/lr": lr, "val/mIoU": val}, bench=True,
-                       init=PRETRAINED_INIT),
-        "small": _child(client, exp, parent, 3_100_000, "seg_small_mask", "full", "finished", logged["small"]),
-        "base_smoke": _child(client, exp, parent, 3_200_000, "seg_base_mask", "smoke", "finished",
-                             logged["base_smoke"], amp="bf16"),
-        "deit_linear_failed": _child(client, exp, parent, 3_300_000, "seg_base_deit_linear", "full", "failed", {},
-                                     error="CUDA out of memory\nTraceback (most recent call last): ..."),
-        # The process died mid-run: the tag still says running, MLflow's own status says FAILED.
-        "large_stale": _child(client, exp, parent, 3_350_000, "seg_large_mask_640", "smoke", "running", {},
-                              mlflow_status="FAILED"),
-        "deit_mask_pvt": _child(client, exp, parent, 3_400_000, "seg_base_deit_mask", "full", "finished",
-                                logged["deit_mask_pvt"], recipe="paddlevit"),
+        # An older failed run of the same configuration and profile (from scratch, so another
+        # config hash): superseded, shown only in results.csv.
+        "tiny_old": _config_run(tracker, parent, facts, _cfg("seg_tiny_mask"), error="superseded failure"),
+        "tiny": _config_run(tracker, parent, facts, tiny, metrics=logged["tiny"], curves=curves, bench=True),
+        "small": _config_run(tracker, parent, facts, _cfg("seg_small_mask"), metrics=logged["small"]),
+        "base_smoke": _config_run(tracker, parent, facts,
+                                  _cfg("seg_base_mask", profile="smoke", overrides={"optim": {"amp": "bf16"}}),
+                                  metrics=logged["base_smoke"]),
+        "deit_linear_failed": _config_run(tracker, parent, facts, _cfg("seg_base_deit_linear"),
+                                          error="CUDA out of memory\nTraceback (most recent call last): ..."),
+        # Its process dies mid-run: the next process in this run directory closes it.
+        "large_stale": _config_run(tracker, parent, facts, _cfg("seg_large_mask_640", profile="smoke"), finish=False),
+        "deit_mask_pvt": _config_run(tracker, parent, facts, _cfg("seg_base_deit_mask", recipe="paddlevit"),
+                                     metrics=logged["deit_mask_pvt"]),
     }
-    client.set_terminated(parent, "FINISHED")
+    tracker.finish(parent)
+    assert tracker.close_stale(root) == [runs["large_stale"]]
 
-    kernels = client.create_run(exp, start_time=4_000_000, tags={"segrepro.kind": "kernels_profile"})
-    runs["kernels"] = kernels.info.run_id
-    csv_path = root / "kernels_profile.csv"
-    with csv_path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["kernel", "impl", "direction", "B", "H", "N", "D", "C", "dtype", "stat", "ms", "tflops",
-                    "gbps", "frac_peak"])
-        for k, impl, d, b, h, n, dd, c, stat, tf in KERNEL_ROWS:
-            w.writerow([k, impl, d, b, h, n, dd, c, "float32", stat, 1.0, tf, 100.0, tf / 20.0])
-    client.log_param(runs["kernels"], "device", "cpu")
-    client.log_artifact(runs["kernels"], str(csv_path))
-    client.set_terminated(runs["kernels"], "FINISHED")
-    return Store(uri=uri, root=root, doc=doc, runs=runs, logged=logged, kernel_rows=KERNEL_ROWS)
+    timed = _timed_rows({**facts, "gpu_name": "stated", "peak_matmul_tflops": 20.0, "peak_copy_gb_s": 1000.0})
+    runs["kernels"] = tracker.log_kernel_profile("gpu", facts, timed, profile.csv_text(timed),
+                                                 {"shapes": TIMED_SHAPES, "dtype": "fp16"})
+    check = profile.correctness_check(profile.parse_spec(CHECK_SPEC), ["fp32", "fp16"])
+    runs["kernels_check"] = tracker.log_kernel_profile("check", facts, check, profile.csv_text(check),
+                                                       {"shapes": CHECK_SPEC, "dtype": "default"})
+    return Store(uri=uri, root=root, doc=doc, runs=runs, logged=logged, timed_rows=timed, check_rows=check,
+                 pretrained_init=init_tag(tiny))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 
 import pandas as pd
 import pytest
@@ -77,8 +78,8 @@ def test_smoke_failed_and_missing_rows(store, report):
     assert failed["status"] == "failed: CUDA out of memory"  # first line of the error tag
     assert failed["run_id"] == store.runs["deit_linear_failed"]
 
-    stale = rows["seg_large_mask_640"]
-    assert (stale["profile"], stale["status"], stale["verdict ms+flip"]) == ("smoke", "failed: no error recorded", "failed")
+    stale = rows["seg_large_mask_640"]  # closed by close_stale: its process died
+    assert (stale["profile"], stale["status"], stale["verdict ms+flip"]) == ("smoke", "killed", "killed")
 
     run_configs = {"seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask",
                    "seg_large_mask_640"}
@@ -117,7 +118,7 @@ def test_results_csv_is_the_long_table(store, report):
     assert tiny.loc["fps", "value"] == pytest.approx(store.logged["tiny"]["bench/images_per_s"])
     assert "batch 1, fp32" in tiny.loc["fps", "protocol"]
     # Every configuration run is listed, the superseded and the metric-less ones included.
-    assert set(mine["run_id"]) == {v for k, v in store.runs.items() if k != "kernels"}
+    assert set(mine["run_id"]) == {v for k, v in store.runs.items() if not k.startswith("kernels")}
     assert set(mine.loc[mine["run_id"] == store.runs["tiny_old"], "status"]) == {"failed"}
 
 
@@ -149,12 +150,28 @@ def test_throughput_view(store, report):
 
 def test_kernels_view_uses_the_median(store, report):
     rows = report[1]["kernels"]
-    assert len(rows) == len({(r[0], r[5]) for r in store.kernel_rows})  # one row per kernel and shape
-    median = {(k, impl, n): tf for k, impl, _, _, _, n, _, _, stat, tf in store.kernel_rows if stat == "median"}
+    timed = store.timed_rows
+    # one row per shape and direction, in the profiler's own kernel names
+    assert len(rows) == len({(r["shape"], r["direction"]) for r in timed})
+    assert {r["kernel"] for r in rows} == {"attn", "mask"}
+    median = {(r["kernel"], r["impl"], r["direction"], r["N"]): r for r in timed if r["stat"] == "median"}
     for r in rows:
-        for impl in ("torch", "triton"):
-            assert r[f"{impl} TFLOP/s"] == pytest.approx(median[r["kernel"], impl, r["N"]])
-            assert r[f"{impl} frac peak"] == pytest.approx(median[r["kernel"], impl, r["N"]] / 20.0)
+        for impl in ("triton", "reference"):
+            want = median[r["kernel"], impl, r["direction"], r["N"]]
+            assert r[f"{impl} TFLOP/s"] == pytest.approx(want["tflops"])
+            assert r[f"{impl} frac peak"] == pytest.approx(want["frac_peak"])
+
+
+def test_kernel_check_view_shows_what_the_interpreter_check_logged(store, report, markdown):
+    rows = report[1]["kernel_check"]
+    check = store.check_rows
+    key = ("shape", "dtype", "output")
+    assert [tuple(r[k] for k in key) for r in rows] == [tuple(r[k] for k in key) for r in check]
+    assert [r["max abs error"] for r in rows] == pytest.approx([r["max_abs_err"] for r in check], rel=1e-6)
+    assert [r["limit"] for r in rows] == pytest.approx([r["limit"] for r in check])
+    assert {r["result"] for r in rows} == {"pass"}
+    table = md_table(markdown, "Kernel correctness (Triton interpreter)")
+    assert len(table) == len(check) and table[0]["max abs error"] == f"{check[0]['max_abs_err']:.2e}"
 
 
 def test_curves_view(report):
@@ -178,8 +195,24 @@ def test_markdown_cells(store, report, markdown):
     for name in ("miou", "kernels", "curves"):
         assert f"(plots/{name}.png)" in markdown
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
-    # Written atomically: nothing of the temporary files is left behind.
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    # Swapped in as a whole: nothing of the temporary directory is left beside it.
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_a_new_report_replaces_the_old_one_as_a_whole(store, tmp_path):
+    out = tmp_path / "report"
+    build.build_report(store.uri, out)
+    (out / "plots" / "old.png").write_bytes(b"from an older report")
+    build.build_report(store.uri, out)
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["curves.png", "kernels.png", "miou.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_an_output_directory_with_other_files_is_refused(store, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(build.ReportError, match="not a report's"):
+        build.build_report(store.uri, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -235,4 +268,26 @@ def test_no_runs_is_a_documented_only_report(store, tmp_path):
     assert result["images"] == ["miou"]
     assert any("absent" in n for n in result["notes"])
     text = (tmp_path / "report.md").read_text()
-    assert "No run logged a benchmark." in text and "No kernels profile logged." in text
+    assert "No run logged a benchmark." in text and "No kernels profile logged" in text
+    assert "No kernels check logged." in text
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "empty file", "truncated store"])
+def test_report_on_a_damaged_store_is_one_line_and_exit_2(store, tmp_path, capsys, damage):
+    from harness import cli
+
+    db = tmp_path / "mlflow.db"
+    if damage == "random bytes":
+        db.write_bytes(random.Random(0).randbytes(64 * 1024))
+    elif damage == "empty file":
+        db.touch()
+    else:
+        whole = (store.root / "mlflow.db").read_bytes()
+        db.write_bytes(whole[:len(whole) // 2])
+    before = db.read_bytes()
+    assert cli.main(["report", "--run-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    (err,) = captured.err.splitlines()  # one line: no SQLAlchemy traceback, no MLflow log lines
+    assert err.startswith("segrepro report: error:") and str(db) in err and "not a readable MLflow store" in err
+    assert db.read_bytes() == before  # opened read-only: an empty file does not become a store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]

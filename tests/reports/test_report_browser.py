@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} absent (CI installs it: apt-get install -y chromium)")
 
 # Counts the page must show; the store in conftest.py fills every section.
-N_TABLES = 6   # mIoU, protocols, sources, throughput, kernels, curves
+N_TABLES = 7   # mIoU, protocols, sources, throughput, kernels, kernel correctness, curves
 N_IMAGES = 3   # mIoU bars, kernels TFLOP/s, training curves
 
 PROBE = """(async () => {
