@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import types
 import typing
@@ -197,11 +195,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
-
-    def config_hash(self) -> str:
-        """Hash of the resolved config: how a finished run is found again."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def mean(self) -> tuple[float, float, float]:

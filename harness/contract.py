@@ -7,7 +7,7 @@ Bottom floor: imports only the standard library (``reports/`` may import it).
 Runs, by the ``segrepro.kind`` tag:
 - ``reproduce``: one parent run per ``segrepro reproduce`` (``segrepro.argv``,
   ``segrepro.git_commit``);
-- ``config``: one child run per configuration, found again by ``segrepro.config_hash``; the
+- ``config``: one child run per configuration's work, found again by ``segrepro.run_key``; the
   flattened resolved config, ``git_commit``, ``versions.*`` and ``device.*`` as params;
   ``train/*`` and ``val/*`` curves (step = iteration), ``ss/*``, ``msflip/*``, ``bench/*``,
   ``wall_time_s`` and ``gpu_hours`` as final metrics;
@@ -44,7 +44,6 @@ ERROR = "segrepro.error"
 CONFIG = "segrepro.config"
 RECIPE = "segrepro.recipe"
 PROFILE = "segrepro.profile"
-CONFIG_HASH = "segrepro.config_hash"
 INIT = "segrepro.init"            # 'TAG sha256:HEX' or 'scratch'
 RESUMED = "segrepro.resumed"
 ARGV = "segrepro.argv"

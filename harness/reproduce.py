@@ -219,8 +219,10 @@ class Reproduction:
             self._move_aside(work)
         work.mkdir(parents=True, exist_ok=True)
         write_text(work / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts, self._identity_tags(plan))
-        self.tracker.log_dataset(run_id, self.opts.data_root, plan.fingerprints, context="training")
+        keys = {contract.TRAINING_ID: plan.training_id, contract.RUN_KEY: plan.run_key}
+        run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts, keys)
+        self.tracker.log_dataset(run_id, self.opts.data_root,
+                                 {split: fp["fingerprint"] for split, fp in plan.fingerprints.items()}, context="training")
         log = (work / "log.txt").open("a")
 
         def note(text: str) -> None:
@@ -264,12 +266,6 @@ class Reproduction:
             self.tracker.log_artifact(run_id, work / "log.txt")
             self.tracker.finish(run_id, f"{type(e).__name__}: {e}")
             return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
-
-    def _identity_tags(self, plan: Plan) -> dict:
-        fps = plan.fingerprints
-        return {contract.TAG_TRAINING_ID: plan.training_id, contract.TAG_RUN_KEY: plan.run_key,
-                contract.TAG_DATA_ROOT: str(self.opts.data_root), contract.TAG_TRAIN_FINGERPRINT: fps["training"]["fingerprint"],
-                contract.TAG_VAL_FINGERPRINT: fps["validation"]["fingerprint"]}
 
     def _train(self, plan: Plan, run_id: str, note) -> dict:
         from harness.train.driver import finished_result, train

@@ -22,12 +22,12 @@ from pathlib import Path
 
 from harness.atomic import write_text
 from harness.config import Config, InputError
-from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, CONFIG_HASH, DATA_ROOT,
+from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, DATA_ROOT,
                               DEVICE_PREFIX, ERROR, EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
                               GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
                               KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
                               LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
-                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, SOURCE, STAGE, STAGE_TRAIN, STATUS,
+                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, STAGE, STAGE_TRAIN, STATUS,
                               VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
 from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
@@ -155,22 +155,25 @@ class Tracker:
                                 {KIND: KIND_REPRODUCE, ARGV: " ".join(argv), GIT_COMMIT: git_commit(),
                                  STATUS: RUNNING})
 
-    def finished_child(self, cfg: Config) -> str | None:
-        runs = self._children(cfg, FINISHED)
+    def finished_child(self, name: str, run_key: str) -> str | None:
+        """The finished child run of configuration ``name`` with this run key
+        (``harness.identity.run_key``: same training, data, protocols and benchmark)."""
+        runs = self._children(name, run_key, FINISHED)
         return runs[0].info.run_id if runs else None
 
-    def _children(self, cfg: Config, status: str | None = None):
-        flt = f"tags.`{CONFIG_HASH}` = '{cfg.config_hash()}' and tags.`{KIND}` = '{KIND_CONFIG}'"
+    def _children(self, name: str, run_key: str, status: str | None = None):
+        flt = f"tags.`{RUN_KEY}` = '{run_key}' and tags.`{CONFIG}` = '{name}' and tags.`{KIND}` = '{KIND_CONFIG}'"
         if status:
             flt += f" and tags.`{STATUS}` = '{status}'"
         return self._search(flt)
 
-    def child_run(self, cfg: Config, parent_id: str, facts: dict) -> tuple[str, bool]:
-        """The unfinished child of an interrupted reproduction of this config (so its curves
-        continue), or a new one. Returns (run_id, resumed)."""
-        runs = [r for r in self._children(cfg) if r.data.tags.get(STATUS) != FINISHED]
-        tags = {KIND: KIND_CONFIG, CONFIG: cfg.name, RECIPE: cfg.recipe, PROFILE: cfg.profile,
-                CONFIG_HASH: cfg.config_hash(), STATUS: RUNNING, PARENT_RUN: parent_id, INIT: init_tag(cfg)}
+    def child_run(self, cfg: Config, parent_id: str, facts: dict, identity: dict) -> tuple[str, bool]:
+        """The unfinished child of an interrupted reproduction of the same work (so its curves
+        continue), or a new one. ``identity``: the tags naming the work (``RUN_KEY``,
+        ``TRAINING_ID``, ...). Returns (run_id, resumed)."""
+        runs = [r for r in self._children(cfg.name, identity[RUN_KEY]) if r.data.tags.get(STATUS) != FINISHED]
+        tags = {KIND: KIND_CONFIG, CONFIG: cfg.name, RECIPE: cfg.recipe, PROFILE: cfg.profile, **identity,
+                STATUS: RUNNING, PARENT_RUN: parent_id, INIT: init_tag(cfg)}
         if runs:
             run_id = runs[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -224,7 +227,7 @@ class Tracker:
         """The run of a standalone ``segrepro train``, every config value a param."""
         run_id = self._create_run(f"train-{cfg.name}-{cfg.recipe}-{cfg.profile}",
                                   {CONFIG: cfg.name, RECIPE: cfg.recipe, PROFILE: cfg.profile,
-                                   CONFIG_HASH: cfg.config_hash(), STAGE: STAGE_TRAIN, INIT: init_tag(cfg),
+                                   STAGE: STAGE_TRAIN, INIT: init_tag(cfg),
                                    STATUS: RUNNING})
         self.log_params(run_id, flatten(cfg.to_dict()))
         return run_id
@@ -236,7 +239,7 @@ class Tracker:
         run_id = self._create_run(f"eval-{cfg.name}-{protocol['name']}",
                                   {KIND: KIND_EVAL, CONFIG: cfg.name, RECIPE: cfg.recipe,
                                    CHECKPOINT: record["checkpoint"], SOURCE: record["source"],
-                                   PROTOCOL: protocol["name"], MODE: mode, CONFIG_HASH: cfg.config_hash(),
+                                   PROTOCOL: protocol["name"], MODE: mode,
                                    STATUS: RUNNING})
         self.log_params(run_id, {**flatten(cfg.to_dict()), **flatten(protocol, PROTOCOL_PREFIX),
                                  NORMALIZATION_USED: record["normalization"], GIT_COMMIT_PARAM: git_commit(),

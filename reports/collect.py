@@ -30,7 +30,7 @@ COUNTERPART = {contract.SS_MIOU: "miou_ss", contract.MSFLIP_MIOU: "miou_msflip",
                contract.BENCH_PARAMS_M: "params", contract.BENCH_IMAGES_PER_S: "fps"}
 CURVE_METRICS = (contract.TRAIN_LOSS, contract.TRAIN_LR, contract.VAL_MIOU)
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
-               "config_hash", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
+               "training_id", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
 EVAL_COLUMNS = ["run_id", "start_time", "config", "checkpoint", "source", "protocol", "mode", "mIoU",
                 "protocol_text"]
 # the columns of each kind of kernels CSV (kernels/profile.py's rows) that the report needs
@@ -193,7 +193,7 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
             "profile": _tag(row, contract.PROFILE) or _param(row, "profile"),
             "status": status, "error": _tag(row, contract.ERROR),
             "parent_run_id": _tag(row, contract.PARENT_RUN),
-            "config_hash": _tag(row, contract.CONFIG_HASH), "device": _device(row),
+            "training_id": _tag(row, contract.TRAINING_ID), "device": _device(row),
             "ss_protocol": eval_protocol(row, multi_scale=False),
             "msflip_protocol": eval_protocol(row, multi_scale=True), "bench_protocol": bench_protocol(row),
             "training": training_provenance(row),

@@ -20,6 +20,7 @@ from harness import weights
 from harness.config import InputError, load_config
 from harness.data.synth import synthesize
 from harness.models import build_model, load_backbone_weights
+from harness.identity import training_id
 from harness.train.checkpoint import check_resumable
 
 TINY_TAG = "vit_tiny_patch16_384.augreg_in21k_ft_in1k"
@@ -154,7 +155,7 @@ def test_init_modes_and_pinned_digest(tmp_path, hub_cache):
         weights.resolve(pinned, cache_dir=hub_cache)
     # the identity is part of the run's identity: a resumed run may not change it
     resolved, _ = weights.resolve(full, cache_dir=hub_cache)
-    assert resolved.config_hash() != scratch.config_hash()
+    assert training_id(resolved, "one split") != training_id(scratch, "one split")
     with pytest.raises(InputError, match="model.init .scratch. -> .pretrained.; model.init_sha256 None -> "):
         check_resumable(scratch.to_dict(), resolved, tmp_path)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from harness.config import load_config, load_documented
-from harness.contract import (AACC, BENCH_GFLOPS, BENCH_IMAGES_PER_S, BENCH_LATENCY_MEDIAN_MS, BENCH_LATENCY_P90_MS,
+from harness.contract import (RUN_KEY, TRAINING_ID, AACC, BENCH_GFLOPS, BENCH_IMAGES_PER_S, BENCH_LATENCY_MEDIAN_MS, BENCH_LATENCY_P90_MS,
                               BENCH_PARAMS_M, BENCH_PEAK_MEMORY_MB, BENCH_PREFIX, MACC, MSFLIP_MIOU, SS, SS_MIOU,
                               TRAIN_LOSS, TRAIN_LR, VAL_MIOU, WALL_TIME, default_tracking_uri, metric)
+from harness.identity import training_id
 from harness.tracking import MetricsLogger, Tracker, init_tag
 
 PRETRAINED_SHA256 = "5e" * 32  # what weights.resolve records for a cached ImageNet checkpoint
@@ -43,7 +44,8 @@ def _cfg(name: str, init: str = "scratch", **kw):
 
 def _config_run(tracker, parent, facts, cfg, *, metrics=None, curves=None, bench=False, error=None, finish=True):
     """What the reproduce driver does with a configuration's run, through the same writer."""
-    run_id, _ = tracker.child_run(cfg, parent, facts)
+    training = training_id(cfg, "generated training split")
+    run_id, _ = tracker.child_run(cfg, parent, facts, {TRAINING_ID: training, RUN_KEY: training})
     logger = MetricsLogger({"uri": tracker.uri, "run_id": run_id})
     for step, values in curves or []:
         logger.log(values, step)
