@@ -18,14 +18,15 @@ FIXTURE = "tests/fixtures/vit_mask"
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local Ray for the module."""
+    """One local Ray for the module, of two CPUs whatever the machine has: two stages could
+    run side by side there."""
     import ray
 
     from harness.raylib import ensure_ray
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
-        ensure_ray()
+        ensure_ray(num_cpus=2)
         yield
         ray.shutdown()
 
@@ -66,14 +67,16 @@ def test_policy_from_the_cluster_nodes():
 def test_bench_stage_runs_alone_with_every_thread_of_its_node(cluster, tmp_path):
     import ray
 
-    cfg = _cfg(repeats=30)
+    cfg = _cfg(repeats=10)
     node_cpus = ray.cluster_resources()["CPU"]  # one node
-    assert node_cpus > 1  # with one CPU, Ray alone would keep any two stages apart
+    assert node_cpus > 1  # with one CPU, any two tasks would run one after the other anyway
 
     def busy(seconds: float, marker: str) -> tuple[float, float]:
         import pathlib
 
         import torch  # the worker's torch starts with this task's one thread
+
+        import harness.benchmark  # noqa: F401  what the benchmark stage loads, loaded beforehand
 
         start = time.time()
         pathlib.Path(marker).touch()
@@ -82,7 +85,7 @@ def test_bench_stage_runs_alone_with_every_thread_of_its_node(cluster, tmp_path)
         return start, time.time()
 
     # evaluation-sized tasks of the same reproduction; the first ones leave idle workers with
-    # torch loaded, so that a stage could start at once
+    # the benchmark's modules loaded, so that a stage could start at once
     task = ray.remote(busy).options(**policy().eval.options())
     ray.get([task.remote(0, str(tmp_path / f"warm{i}")) for i in range(int(node_cpus))])
 
