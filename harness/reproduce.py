@@ -337,7 +337,8 @@ class Reproduction:
         metrics["gpu_hours"] = train["wall_time_s"] * gpus / 3600
         t.log_final_metrics(run_id, metrics)
         proto = bench["protocol"]
-        params = {f"bench.{k}": proto[k] for k in ("batch_size", "precision", "image_size", "device")}
+        params = {f"bench.{k}": proto[k] for k in ("batch_size", "precision", "image_size", "device", "threads",
+                                                  "concurrent_load")}
         params.update({"train.checkpoint": train["checkpoint"], "train.checkpoint_sha256": sha,
                        "train.attempts": train.get("attempts", 1)})
         existing = t.client.get_run(run_id).data.params
