@@ -99,6 +99,7 @@ TRAIN, VAL, SS, MSFLIP, BENCH = "train", "val", "ss", "msflip", "bench"
 MIOU, MACC, AACC = "mIoU", "mAcc", "aAcc"
 EVAL_FIGURES = (MIOU, MACC, AACC)
 IMAGES = "images"                  # MODE/images: how many images an evaluation saw
+SECONDS = "seconds"                # MODE/seconds: how long an evaluation took
 # harness.benchmark's figures, each logged as bench/FIGURE
 BENCH_FIGURES = ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                  "params_m", "peak_memory_mb")
