@@ -198,10 +198,10 @@ class Reproduction:
             return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
 
     def _train(self, cfg: Config, work: Path, run_id: str, note) -> dict:
-        from harness.train.driver import RESULT_FILE, train
+        from harness.train.driver import finished_result, train
 
-        done = _read_json(work / "train" / RESULT_FILE)
-        if done and done.get("iterations") == cfg.optim.iterations:
+        done = finished_result(work / "train", cfg, self.opts.data_root)
+        if done:
             note("train: finished earlier")
             return done
         note("train: starting")
