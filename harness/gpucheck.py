@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -45,7 +46,7 @@ from harness.evaluate import run_eval
 from harness.reproduce import SEED_CONFIGS
 from harness.train.checkpoint import MODEL_FILE
 from harness.train.driver import train
-from harness.train.loop import KILL_ENV, TRACE_ENV, format_progress, train_loop
+from harness.train.loop import format_progress, train_loop
 from harness.train.session import LocalSession
 from kernels.device import device_facts
 from kernels.profile import CSV_NAME, ZOO_BATCHES, ZOO_IMAGE_SIZES, csv_text, profile_gpu, zoo_shapes
@@ -296,18 +297,28 @@ def training_config(precision: str, extra: dict | None = None) -> Config:
     return load_config(TRAIN_MODEL, overrides=overrides)
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+@dataclass(frozen=True)
+class TraceLosses:
+    """Training hook: one JSON line per rank and finished iteration in ``path`` (``check_trace``
+    reads them)."""
+    path: str
+
+    def on_iteration(self, rank: int, iteration: int, start: int, loss: float, checkpointed: bool) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"rank": rank, "iteration": iteration, "start": start, "loss": loss}) + "\n")
+
+
+@dataclass(frozen=True)
+class StopRankZero:
+    """Training hook: rank 0 SIGKILLs itself after iteration ``after``, as a lost node stops,
+    once (``marker`` remembers it across the restart)."""
+    after: int
+    marker: str
+
+    def on_iteration(self, rank: int, iteration: int, start: int, loss: float, checkpointed: bool) -> None:
+        if rank == 0 and iteration == self.after and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _ray_workers(device: torch.device, batch: int) -> int:
@@ -318,18 +329,19 @@ def _ray_workers(device: torch.device, batch: int) -> int:
 
 
 def _train_in_process(cfg: Config, data_root: Path, run_dir: Path, device: torch.device,
-                      progress: Callable[[dict], None]) -> tuple[Path, int]:
-    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=progress, stop_after=cfg.optim.iterations // 2)
-    train_loop(cfg, data_root, LocalSession(run_dir, device), progress=progress)
-    return LocalSession(run_dir).checkpoints()[-1] / MODEL_FILE, 1
+                      progress: Callable[[dict], None], trace: TraceLosses) -> tuple[Path, int]:
+    session = LocalSession(run_dir, device, hooks=[trace])
+    train_loop(cfg, data_root, session, progress=progress, stop_after=cfg.optim.iterations // 2)
+    train_loop(cfg, data_root, session, progress=progress)
+    return session.checkpoints()[-1] / MODEL_FILE, 1
 
 
 def _train_on_ray(cfg: Config, data_root: Path, run_dir: Path, device: torch.device,
-                  progress: Callable[[dict], None]) -> tuple[Path, int]:
+                  progress: Callable[[dict], None], trace: TraceLosses) -> tuple[Path, int]:
     o = cfg.optim
     workers = _ray_workers(device, o.batch_size)
-    # train() runs to the end: stop it the way a lost node does (the KILL_ENV hook: rank 0 dies
-    # once) and let Ray Train restore every rank from the checkpoint at half-way. Not right after
+    # train() runs to the end: stop it the way a lost node does (rank 0 dies once) and let
+    # Ray Train restore every rank from the checkpoint at half-way. Not right after
     # that checkpoint: Ray's controller takes reports from a one-slot queue every few seconds, so
     # only the next report (a log interval later) proves it has the checkpoint, and two more
     # iterations let its reply arrive before the kill. Those iterations are replayed.
@@ -339,12 +351,12 @@ def _train_on_ray(cfg: Config, data_root: Path, run_dir: Path, device: torch.dev
     say(f"  rank 0 is killed on purpose before iteration {kill_at} (Ray reports a dead worker), then resumed")
     import ray
 
-    with _environ({KILL_ENV: f"0:{kill_at}:{run_dir / 'killed'}"}):
-        try:
-            out = train(cfg, data_root, run_dir, workers=workers, gpus_per_worker=1 if device.type == "cuda" else 0,
-                        resume=False, progress_callback=progress)
-        finally:
-            ray.shutdown()  # the next run starts Ray afresh with its own hook settings
+    hooks = [trace, StopRankZero(after=kill_at - 1, marker=str(run_dir / "killed"))]
+    try:
+        out = train(cfg, data_root, run_dir, workers=workers, gpus_per_worker=1 if device.type == "cuda" else 0,
+                    resume=False, progress_callback=progress, hooks=hooks)
+    finally:
+        ray.shutdown()  # train() started Ray for this run: gpu-check leaves no Ray behind
     return Path(out["checkpoint"]), workers
 
 
@@ -354,7 +366,7 @@ def _span(iterations: list[int]) -> str:
 
 def check_trace(lines: list[dict], workers: int, half: int, total: int) -> tuple[dict[int, float], float | None,
                                                                                    list[str]]:
-    """From the TRACE_ENV lines of a run stopped after ``half`` and resumed: rank 0's loss per
+    """From the ``TraceLosses`` lines of a run stopped after ``half`` and resumed: rank 0's loss per
     iteration (the resumed run's where replayed), the largest loss difference between an
     iteration and its replay, and what is wrong with the runs' spans."""
     problems = []
@@ -391,9 +403,8 @@ def _train(rec: StepRecord, cfg: Config, data_root: Path, run_dir: Path, device:
         records.append(record)
         say("  " + format_progress(record))
 
-    with _environ({TRACE_ENV: str(trace)}):
-        body = _train_on_ray if on_ray else _train_in_process
-        checkpoint, workers = body(cfg, data_root, run_dir, device, progress)
+    body = _train_on_ray if on_ray else _train_in_process
+    checkpoint, workers = body(cfg, data_root, run_dir, device, progress, TraceLosses(str(trace)))
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     losses, replay_diff, problems = check_trace(lines, workers, half, o.iterations)
     last, before = records[-1], records[-2]  # both from the resumed run: its last log interval

@@ -113,8 +113,12 @@ class Plan:
 
 
 def _last_checkpoint(work: Path) -> str | None:
-    found = sorted((work / "train").glob("ray/train/checkpoint_*/checkpoint.pth"))
-    return str(found[-1]) if found else None
+    """The checkpoint a stopped configuration's training would resume from."""
+    from harness.train.checkpoint import MODEL_FILE, newest
+    from harness.train.driver import checkpoint_dirs
+
+    saved = newest(checkpoint_dirs(work / "train"), skipped=lambda message: None)
+    return str(saved.path / MODEL_FILE) if saved else None
 
 
 class Reproduction:
@@ -271,7 +275,7 @@ class Reproduction:
         from harness.train.driver import finished_result, train
 
         cfg = plan.cfg
-        done = finished_result(plan.work / "train", cfg)
+        done = finished_result(plan.work / "train", cfg, self.opts.data_root)
         if done:
             note("train: finished earlier")
             return done

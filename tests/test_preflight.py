@@ -8,10 +8,13 @@ import pytest
 
 from harness.cli import main
 from harness.config import load_config
+from harness.data import DataError
 from harness.data.synth import synthesize
 from harness.data.fingerprint import CACHE_ENV
 from harness.preflight import format_report, full_data_check
-from harness.train.loop import TRACE_ENV, epoch_indices
+from harness.train.driver import train
+from harness.train.loop import epoch_indices
+from tests.train.hooks import Trace
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:
@@ -129,21 +132,18 @@ def test_reproduce_refuses_what_the_cluster_cannot_run(env, tmp_path, capsys):
     assert not (tmp_path / "run" / "configs").exists()
 
 
-def test_bad_file_during_training_is_reported_once_without_retries(env, tmp_path, capsys, monkeypatch):
+def test_bad_file_during_training_is_reported_once_without_retries(env, tmp_path, capfd):
     data = _copy(env, tmp_path)
     cfg = load_config("tiny_test", profile="tiny")
     # rank 1's second batch of the first epoch (one image per rank and iteration)
     index = epoch_indices(8, cfg.optim.seed, 0, 1, 2)[1]
     bad = _truncate(data / DATASET / "images" / "training" / f"ADE_train_{index + 1:08d}.jpg")
     trace = tmp_path / "trace.jsonl"
-    monkeypatch.setenv(TRACE_ENV, str(trace))
-    rc = main(["train", "tiny_test", "--profile", "tiny", "--data-root", str(data), "--workers", "2",
-               "--run-dir", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert rc == 2
-    errors = [line for line in err.splitlines() if line.startswith("segrepro: error")]
-    assert len(errors) == 1 and f"{bad}: cannot decode image" in errors[0], err[-3000:]
-    assert err.count(str(bad)) == 1
+    with pytest.raises(DataError) as raised:
+        train(cfg, data, tmp_path / "run", workers=2, hooks=[Trace(str(trace))])
+    message, err = str(raised.value), capfd.readouterr().err
+    assert f"{bad}: cannot decode image" in message and message.count(str(bad)) == 1, message
+    assert str(bad) not in err, err[-3000:]  # no retry or log repeated it
     # one attempt: both ranks ran iteration 1 once, in one process each, and stopped together
     lines = [json.loads(line) for line in trace.read_text().splitlines()]
     assert sorted((r["rank"], r["iteration"]) for r in lines) == [(0, 1), (1, 1)]

@@ -7,22 +7,28 @@ Checkpoint directory (one per checkpoint iteration):
   position within it);
 - ``rng_rank{R}.pt`` (every rank): that rank's torch, CUDA, NumPy and Python RNG states as
   tensors and lists, so ``torch.load(weights_only=True)`` reads every file;
-- ``config.json`` (rank 0): the resolved config, for the driver's resume check.
+- ``state.json`` (rank 0): the iteration, the world size that wrote it and the resolved
+  config: what choosing a checkpoint to resume from needs, cheap to read.
+A checkpoint is usable when every file a resume reads is there and loads (``verify``); the
+newest usable one is where a run resumes (``newest``), wherever it was written.
 The sampler order is a function of (seed, epoch) and augmentation of (seed, epoch, image), so a
 resumed run skips exactly the consumed batches and continues with the same losses.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from harness.atomic import atomic_path
+from harness.atomic import atomic_path, write_json
 from harness.config import Config, InputError
 from harness.identity import training_settings
 from harness.models import save_model_checkpoint
@@ -31,7 +37,7 @@ from harness.tracking import flatten
 
 MODEL_FILE = "checkpoint.pth"
 RNG_FILE = "rng_rank{rank}.pt"
-CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
 
 
 def rng_state() -> dict:
@@ -71,15 +77,16 @@ class TrainState:
     val: dict = field(default_factory=dict)
 
 
-def save(directory: Path, rank: int, model, cfg: Config, optimizer, scheduler, scaler, state: TrainState,
-          iters_per_epoch: int) -> None:
+def save(directory: Path, rank: int, world_size: int, model, cfg: Config, optimizer, scheduler,
+         scaler: torch.amp.GradScaler, state: TrainState, iters_per_epoch: int) -> None:
     if rank == 0:
         save_model_checkpoint(
             directory / MODEL_FILE, model, cfg, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None, iteration=state.iteration,
+            scaler=scaler.state_dict(), iteration=state.iteration,
             loader={"epoch": state.epoch, "position": state.position, "iters_per_epoch": iters_per_epoch},
             val=state.val)
-        (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json(directory / STATE_FILE, {"iteration": state.iteration, "world_size": world_size,
+                                            "config": cfg.to_dict()})
     with atomic_path(directory / RNG_FILE.format(rank=rank)) as tmp:
         torch.save(rng_state(), tmp)
 
@@ -101,7 +108,7 @@ def restore(directory: Path, rank: int, model, cfg: Config, optimizer, scheduler
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
+    if ckpt.get("scaler"):  # empty: written without loss scaling (a disabled scaler's state)
         scaler.load_state_dict(ckpt["scaler"])
     loader = ckpt["loader"]
     state = TrainState(ckpt["iteration"], loader["epoch"], loader["position"], ckpt.get("val") or {})
@@ -112,3 +119,65 @@ def restore(directory: Path, rank: int, model, cfg: Config, optimizer, scheduler
         warnings.warn(f"{rng_path} missing: rank {rank} reseeds its RNGs; the run continues but not bit for bit")
         seed_everything(cfg.optim.seed + 1000 * rank + state.iteration)
     return state
+
+
+class Unusable(Exception):
+    """A checkpoint directory a run cannot resume from; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A usable checkpoint: its directory and what its ``state.json`` says."""
+    path: Path
+    iteration: int
+    config: dict
+
+
+def _state(directory: Path) -> dict:
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        return {"iteration": int(state["iteration"]), "world_size": int(state["world_size"]),
+                "config": dict(state["config"])}
+    except FileNotFoundError:
+        raise Unusable(f"{path}: missing") from None
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise Unusable(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def verify(directory: str | Path) -> Saved:
+    """``directory`` as a ``Saved`` checkpoint when its state, model file and every rank's RNG
+    file are there and load (memory-mapped: no tensor data is read); ``Unusable`` otherwise."""
+    directory = Path(directory)
+    state = _state(directory)
+    files = [directory / MODEL_FILE] + [directory / RNG_FILE.format(rank=r) for r in range(state["world_size"])]
+    for path in files:
+        try:
+            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except FileNotFoundError:
+            raise Unusable(f"{path}: missing") from None
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise Unusable(f"{path}: unreadable ({e})") from None
+    return Saved(directory, state["iteration"], state["config"])
+
+
+def _print_skipped(message: str) -> None:
+    print(f"segrepro: skipped an unusable checkpoint: {message}", file=sys.stderr, flush=True)
+
+
+def newest(directories: Iterable[Path], skipped: Callable[[str], None] = _print_skipped) -> Saved | None:
+    """The usable checkpoint of the highest iteration among ``directories`` (a later directory
+    name wins a tie), or None. Each one passed over on the way (unusable, or of unknown
+    iteration) is told to ``skipped`` in one line naming the bad file."""
+    order = []
+    for d in directories:
+        try:
+            order.append((_state(d)["iteration"], str(d), d))
+        except Unusable as e:
+            skipped(str(e))
+    for _, _, d in sorted(order, reverse=True):
+        try:
+            return verify(d)
+        except Unusable as e:
+            skipped(str(e))
+    return None

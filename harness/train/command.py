@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks); must divide the global batch")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU workers on gloo)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its newest usable checkpoint")
     parser.add_argument("--run-dir", help="run directory (default runs/train/CONFIG-RECIPE-PROFILE)")
     add_init_arguments(parser)
     parser.add_argument("--backbone-weights", help="an explicit ImageNet checkpoint file of the config's backbone "
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         val = out.get("val") or {}
         miou = f", val mIoU {val['val/mIoU']:.2f}" if val else ""
-        print(f"{cfg.name}: {out['iterations']} iterations in {out['wall_time_s']:.0f} s{miou}\n"
+        attempts = f" over {out['attempts']} attempts" if out["attempts"] > 1 else ""
+        print(f"{cfg.name}: {out['iterations']} iterations in {out['wall_time_s']:.0f} s{attempts}{miou}\n"
               f"  encoder init: {out['init']}, precision {out['amp']}\n"
               f"  checkpoint {out['checkpoint']}")
     return 0

@@ -3,10 +3,8 @@ sharded loader, forward/backward/update, periodic validation and checkpoints, re
 a ``Session``."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import socket
 import tempfile
 import time
@@ -26,12 +24,6 @@ from harness.optim import build_optimizer
 from harness.tracking import MetricsLogger
 from harness.train.checkpoint import TrainState, restore, save, seed_everything
 from harness.train.session import RaySession, Session
-
-# Test hooks, read by every worker (train() forwards SEGREPRO_* variables to Ray workers):
-# TRACE_ENV names a file that gets one JSON line per rank and iteration; KILL_ENV is
-# "RANK:ITERATION:MARKER": that rank SIGKILLs itself before that iteration unless MARKER exists.
-TRACE_ENV = "SEGREPRO_TRAIN_TRACE"
-KILL_ENV = "SEGREPRO_TRAIN_KILL"
 
 Progress = Callable[[dict], None]
 
@@ -107,14 +99,15 @@ def _batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Itera
         yield batch
 
 
-def precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    """Autocast dtype (None: fp32) and gradient scaler of ``cfg.optim.amp``; CPUs train in fp32."""
+def precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype (None: fp32) and gradient scaler of ``cfg.optim.amp``; CPUs train in fp32.
+    Only fp16 scales the loss: for any other precision the scaler is disabled, a pass-through."""
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.amp) if device.type == "cuda" else None
-    return amp, torch.amp.GradScaler("cuda") if amp is torch.float16 else None
+    return amp, torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
 
-def train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict, optimizer, scheduler, scaler,
-               amp: torch.dtype | None, cfg: Config, device: torch.device) -> float:
+def train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict, optimizer, scheduler,
+               scaler: torch.amp.GradScaler, amp: torch.dtype | None, cfg: Config, device: torch.device) -> float:
     """One iteration: forward, loss, backward, (clip,) update, schedule; returns the loss.
     ``net`` is ``model`` or its DDP wrapper."""
     o = cfg.optim
@@ -124,18 +117,12 @@ def train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict, optimi
         logits = net(image)
     loss = segmentation_loss(logits, label, o.loss_average)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
+    scaler.scale(loss).backward()
     if o.clip_grad:
+        scaler.unscale_(optimizer)  # the threshold applies to the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)  # skipped when an fp16 gradient overflowed
+    scaler.update()
     scheduler.step()
     return loss.item()
 
@@ -161,23 +148,6 @@ def format_progress(record: dict) -> str:
     return line
 
 
-def _maybe_kill(rank: int, iteration: int) -> None:
-    """Test hook (KILL_ENV): die like a lost node, once, before the given iteration."""
-    spec = os.environ.get(KILL_ENV)
-    if spec:
-        r, it, marker = spec.split(":", 2)
-        if int(r) == rank and int(it) == iteration and not os.path.exists(marker):
-            Path(marker).write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _trace(rank: int, iteration: int, start: int, loss: float) -> None:
-    """Test hook (TRACE_ENV): one line per rank and finished iteration; ``start`` tells attempts apart."""
-    path = os.environ.get(TRACE_ENV)
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"rank": rank, "iteration": iteration, "start": start, "pid": os.getpid(),
-                                "loss": loss}) + "\n")
 
 
 def _load_backbone(model, cfg: Config, path: Path) -> None:
@@ -218,7 +188,7 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
 
     Returns ``{"iterations", "start_iteration", "metrics", "val"}`` (rank 0's view).
     ``progress`` (rank 0) and ``session.report`` (every rank) get a record every log,
-    checkpoint and eval interval.
+    checkpoint and eval interval; the session's hooks run after every iteration.
     """
     o = cfg.optim
     rank, world, device = session.rank, session.world_size, session.device
@@ -262,7 +232,6 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     while state.iteration < end:
         loader = _loader(train_set, cfg, state.epoch, state.position, per_rank, iters_per_epoch, rank, world)
         for batch in _batches(loader, device):
-            _maybe_kill(rank, state.iteration + 1)
             lr = optimizer.param_groups[0]["lr"]
             loss_value = train_step(net, model, batch, optimizer, scheduler, scaler, amp, cfg, device)
             if not math.isfinite(loss_value):
@@ -274,12 +243,12 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
             now = time.perf_counter()
             train_time, tick = train_time + now - tick, now
             window_loss, window_n = window_loss + loss_value, window_n + 1
-            _trace(rank, state.iteration, start, loss_value)
 
             t = state.iteration
             do_eval = t % o.eval_interval == 0 or t == o.iterations
             do_ckpt = t % o.checkpoint_interval == 0 or t == end
             if not (do_eval or do_ckpt or t % o.log_interval == 0):
+                session.on_iteration(t, start, loss_value, False)
                 continue
             (mean_loss,) = _all_mean([window_loss / window_n], device)
             window_loss, window_n = 0.0, 0
@@ -297,11 +266,12 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
                     progress(dict(metrics))
             if do_ckpt:
                 with tempfile.TemporaryDirectory(prefix="segrepro-ckpt-") as tmp:
-                    save(Path(tmp), rank, model, cfg, optimizer, scheduler, scaler, state, iters_per_epoch)
+                    save(Path(tmp), rank, world, model, cfg, optimizer, scheduler, scaler, state, iters_per_epoch)
                     session.report(metrics, Path(tmp))
             else:
                 session.report(metrics, None)
             tick = time.perf_counter()
+            session.on_iteration(t, start, loss_value, do_ckpt)
             if t == end:
                 break
     return {"iterations": state.iteration, "start_iteration": start, "metrics": metrics, "val": state.val}
@@ -309,7 +279,7 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
 
 def ray_worker(config: dict) -> dict:
     queue = config["queue"]
-    session = RaySession()
+    session = RaySession(config["resume_from"], config["hooks"])
     progress = queue.put if session.rank == 0 else None
     try:
         return train_loop(config["cfg"], config["data_root"], session, backbone_weights=config["backbone_weights"],

@@ -1,12 +1,16 @@
-"""The training loop run directly (world size 1): exact resume, checkpoint contents, loss,
-clipping and the sampler."""
+"""The training loop run directly (world size 1): exact resume, unusable checkpoints passed
+over, checkpoint contents, loss, loss scaling, clipping and the sampler."""
+import json
+
 import torch
 import torch.nn.functional as F
 import pytest
 
+from harness.data import ADE20K
 from harness.models import build_model, load_checkpoint
-from harness.train.checkpoint import MODEL_FILE, RNG_FILE, seed_everything
-from harness.train.loop import epoch_indices, segmentation_loss, train_loop
+from harness.optim import build_optimizer
+from harness.train.checkpoint import MODEL_FILE, RNG_FILE, STATE_FILE, seed_everything
+from harness.train.loop import _loader, _train_transform, epoch_indices, segmentation_loss, train_loop, train_step
 from harness.train.session import LocalSession
 
 
@@ -47,10 +51,29 @@ def test_checkpoint_holds_training_state_readable_with_weights_only(tiny_cfg, da
     assert ckpt["scheduler"]["last_epoch"] == 6
     assert ckpt["optimizer"]["state"], "momentum buffers are saved"
     assert ckpt["config"] == cfg.to_dict()
+    assert ckpt["scaler"] == {}, "fp32: the disabled scaler's (empty) state"
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    assert state == {"iteration": 6, "world_size": 1, "config": cfg.to_dict()}
     rng = torch.load(ckpt_dir / RNG_FILE.format(rank=0), weights_only=True)
     assert set(rng) == {"torch", "cuda", "numpy", "python"}
     model, loaded_cfg = load_checkpoint(ckpt_dir)
     assert loaded_cfg == cfg and model.n_cls == cfg.model.n_cls
+
+
+def test_resume_passes_over_unusable_checkpoints_naming_the_bad_file(tiny_cfg, data_root, tmp_path, capsys):
+    cfg = tiny_cfg(optim={"iterations": 4, "checkpoint_interval": 1})
+    _run(cfg, data_root, tmp_path, stop_after=3)
+    ckpts = tmp_path / "checkpoints"
+    rng = ckpts / "iter_0000003" / RNG_FILE.format(rank=0)
+    rng.unlink()
+    model = ckpts / "iter_0000002" / MODEL_FILE
+    model.write_bytes(model.read_bytes()[:1000])
+    capsys.readouterr()
+    out, losses = _run(cfg, data_root, tmp_path)
+    assert out["start_iteration"] == 1 and sorted(losses) == [2, 3, 4]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if "skipped an unusable checkpoint" in line]
+    assert len(skipped) == 2
+    assert skipped[0].endswith(f"{rng}: missing") and f"{model}: unreadable (" in skipped[1]
 
 
 def test_resume_refuses_a_different_config(tiny_cfg, data_root, tmp_path):
@@ -71,6 +94,28 @@ def test_gradient_clipping_bounds_the_first_update(tiny_cfg, data_root, tmp_path
     step = torch.sqrt(sum(((after[k] - before[k]).double() ** 2).sum() for k in before))
     # plain momentum, first step: update = lr * clipped gradient, whose global norm is <= clip
     assert 0 < step <= lr * clip * 1.001
+
+
+def test_loss_scaling_changes_the_update_by_nothing(tiny_cfg, data_root):
+    # fp16's scaler, run on fp32 CPU gradients: scaling by a power of two is exact, so the enabled
+    # scaler must give the disabled one's update, clipping included (it unscales before clipping).
+    cfg = tiny_cfg(optim={"iterations": 2, "clip_grad": 1e-3})
+    train_set = ADE20K(data_root, "training", _train_transform(cfg), seed=cfg.optim.seed)
+    batch = next(iter(_loader(train_set, cfg, 0, 0, cfg.optim.batch_size, 4, 0, 1)))
+    runs = []
+    for enabled in (False, True):
+        seed_everything(0)
+        model = build_model(cfg.model)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+        seed_everything(1)
+        loss = train_step(model, model, batch, optimizer, scheduler, scaler, None, cfg, torch.device("cpu"))
+        runs.append((loss, model.state_dict(), scaler.state_dict()))
+    (loss, plain, off), (scaled_loss, scaled, on) = runs
+    assert scaled_loss == loss and off == {}
+    assert on["scale"] == 2.0**16 and on["_growth_tracker"] == 1, on
+    for k in plain:
+        torch.testing.assert_close(scaled[k], plain[k], rtol=0, atol=1e-7, msg=k)
 
 
 def test_loss_averages_over_labelled_or_all_pixels():
