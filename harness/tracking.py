@@ -333,6 +333,10 @@ def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str 
     return {"uri": uri, "run_id": run_id}, True
 
 
-def end_train_run(tracking: dict, error: str | None) -> None:
-    """Close the run ``train_run`` opened: finished, or failed with ``error``."""
-    Tracker(tracking["uri"]).finish(tracking["run_id"], error)
+def end_train_run(tracking: dict, error: str | None, killed: bool = False, last_checkpoint: str | None = None) -> None:
+    """Close the run ``train_run`` opened: finished, failed with ``error``, or killed (stopped
+    by Ctrl-C) at ``last_checkpoint``."""
+    if killed:
+        Tracker(tracking["uri"]).kill(tracking["run_id"], last_checkpoint)
+    else:
+        Tracker(tracking["uri"]).finish(tracking["run_id"], error)

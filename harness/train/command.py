@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from harness import weights
-from harness.config import load_config
+from harness import interrupt, weights
+from harness.config import InputError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +53,17 @@ def run(args: argparse.Namespace) -> int:
               f"run directory {run_dir}\n  encoder init: {weights.describe(cfg, found, requested)}", file=sys.stderr)
     from harness.train.driver import train
 
-    out = train(cfg, args.data_root, run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                address=args.address, resume=args.resume, backbone_weights=found.path if found else None,
-                tracking_uri=args.tracking_uri)
+    with interrupt.handling_sigint():
+        try:
+            out = train(cfg, args.data_root, run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                        address=args.address, resume=args.resume, backbone_weights=found.path if found else None,
+                        tracking_uri=args.tracking_uri)
+        except Exception as e:
+            if isinstance(e, InputError) or not (interrupt.requested() or interrupt.wait(2)):
+                raise
+            argv = " ".join(sys.argv[1:]) if "--resume" in sys.argv else " ".join([*sys.argv[1:], "--resume"])
+            raise interrupt.Interrupted(f"interrupted; rerun `segrepro {argv}` to continue from the last "
+                                        f"checkpoint") from None
     if args.json:
         print(json.dumps(out, indent=2))
     else:

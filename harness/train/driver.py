@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from harness import weights
+from harness import interrupt, weights
 from harness.atomic import write_json
 from harness.config import Config, InputError
 from harness.data import ADE20K, DataError
@@ -253,7 +253,9 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
         stop.set()
         drainer.join()
         if owns_run:
-            end_train_run(tracking, error)
+            last = newest(checkpoint_dirs(run_dir), skipped=lambda message: None)
+            end_train_run(tracking, error, killed=interrupt.requested(),
+                          last_checkpoint=str(last.path / MODEL_FILE) if last else None)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
     if data_error:
         raise DataError(f"{cfg.name}: training stopped on a bad dataset file: {data_error}")
