@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # segrepro starts or joins Ray explicitly (harness.raylib); a Ray call after Ctrl-C stopped
+    # it must fail, not silently start or join another cluster. Read when ray is first imported.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

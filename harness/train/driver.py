@@ -70,6 +70,10 @@ def _drain(queue, stop: threading.Event, callback: Progress) -> None:
         except Empty:
             if stop.is_set():
                 return
+        except Exception:
+            if interrupt.requested():  # Ctrl-C stopped Ray, the queue's actor with it
+                return
+            raise
 
 
 def _print_progress(record: dict) -> None:
