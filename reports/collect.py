@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,21 @@ def _metric_protocol(metric: str, run: pd.Series) -> str:
     return ""
 
 
+def _writer_gone(row: pd.Series) -> bool:
+    """Whether a run tagged running was written by a process of this host that no longer exists
+    (killed before anyone reran it; the next run in its directory closes it as KILLED)."""
+    pid = _tag(row, contract.PID)
+    if _tag(row, contract.HOST) != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration run with the fields the views need, oldest first."""
     out = []
@@ -186,6 +202,8 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
         status = _tag(row, contract.STATUS) or _get(row, "mlflow_status").lower()
         if status == contract.RUNNING and row["mlflow_status"] in ("FAILED", "KILLED"):
             status = row["mlflow_status"].lower()
+        if status == contract.RUNNING and _writer_gone(row):
+            status = f"{contract.KILLED} (its process is gone)"
         out.append({
             "run_id": row["run_id"], "start_time": row["start_time"],
             "config": _tag(row, contract.CONFIG) or _param(row, "name", "?"),

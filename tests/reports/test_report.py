@@ -291,3 +291,25 @@ def test_report_on_a_damaged_store_is_one_line_and_exit_2(store, tmp_path, capsy
     assert err.startswith("segrepro report: error:") and str(db) in err and "not a readable MLflow store" in err
     assert db.read_bytes() == before  # opened read-only: an empty file does not become a store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
+def test_a_running_run_whose_process_is_gone_is_not_shown_running(tmp_path):
+    import subprocess
+    import sys
+
+    from harness.config import load_config
+    from harness.contract import PID, RUN_KEY, TRAINING_ID, default_tracking_uri
+    from harness.tracking import Tracker
+
+    tracker = Tracker(default_tracking_uri(tmp_path), tmp_path)
+    parent = tracker.start_parent(["reproduce"])
+    cfg = load_config("seg_tiny_mask", profile="smoke")
+    live, _ = tracker.child_run(cfg, parent, {}, {TRAINING_ID: "a", RUN_KEY: "a"})
+    dead, _ = tracker.child_run(load_config("seg_small_mask", profile="smoke"), parent, {},
+                                {TRAINING_ID: "b", RUN_KEY: "b"})
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    tracker.set_tags(dead, {PID: gone})  # as if its writer had been SIGKILLed before anyone reran it
+    status = collect(tracker.uri).runs.set_index("run_id")["status"]
+    assert status[live] == "running"
+    assert status[dead] == "killed (its process is gone)"
