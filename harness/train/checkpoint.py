@@ -23,7 +23,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -161,23 +161,23 @@ def verify(directory: str | Path) -> Saved:
     return Saved(directory, state["iteration"], state["config"])
 
 
-def _print_skipped(message: str) -> None:
-    print(f"segrepro: skipped an unusable checkpoint: {message}", file=sys.stderr, flush=True)
+def _skipped(e: Unusable) -> None:
+    print(f"segrepro: skipped an unusable checkpoint: {e}", file=sys.stderr, flush=True)
 
 
-def newest(directories: Iterable[Path], skipped: Callable[[str], None] = _print_skipped) -> Saved | None:
+def newest(directories: Iterable[Path]) -> Saved | None:
     """The usable checkpoint of the highest iteration among ``directories`` (a later directory
     name wins a tie), or None. Each one passed over on the way (unusable, or of unknown
-    iteration) is told to ``skipped`` in one line naming the bad file."""
+    iteration) is named on stderr in one line with the bad file."""
     order = []
     for d in directories:
         try:
             order.append((_state(d)["iteration"], str(d), d))
         except Unusable as e:
-            skipped(str(e))
+            _skipped(e)
     for _, _, d in sorted(order, reverse=True):
         try:
             return verify(d)
         except Unusable as e:
-            skipped(str(e))
+            _skipped(e)
     return None

@@ -111,14 +111,10 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in (Path(run_dir) / RAY_DIR).glob(f"{ATTEMPT_PREFIX}*/checkpoint_*") if p.is_dir())
 
 
-def _resume_point(run_dir: Path, cfg: Config, resume: bool) -> Saved | None:
-    """Where training in ``run_dir`` continues: its newest usable checkpoint, of the same
-    training settings as ``cfg``; None for a new run (or one with no usable checkpoint)."""
-    if not ((run_dir / LEDGER_FILE).exists() or (run_dir / RAY_DIR).exists()):
-        return None
-    if not resume:
-        raise InputError(f"--run-dir {run_dir} already holds a training run; pass --resume to continue it "
-                         f"or choose another --run-dir")
+def resume_point(run_dir: str | os.PathLike, cfg: Config) -> Saved | None:
+    """Where training ``cfg`` in ``run_dir`` continues: the newest usable checkpoint of any
+    attempt (each unusable one passed over is named on stderr), refused with an ``InputError``
+    naming the changed fields when it was trained with other settings; None: from the start."""
     saved = newest(checkpoint_dirs(run_dir))
     if saved is not None:
         check_resumable(saved.config, cfg, saved.path)
@@ -187,7 +183,10 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     cfg, found = weights.resolve(cfg, backbone_dir, backbone_weights, from_scratch)
     fingerprint = split_fingerprint(data_root, "training")
     with RunLock(run_dir, "train"):
-        resume_from = _resume_point(run_dir, cfg, resume)
+        if not resume and ((run_dir / LEDGER_FILE).exists() or (run_dir / RAY_DIR).exists()):
+            raise InputError(f"--run-dir {run_dir} already holds a training run; pass --resume to continue it "
+                             f"or choose another --run-dir")
+        resume_from = resume_point(run_dir, cfg)
         ray_run = _next_ray_run(run_dir)
         ledger = _Ledger(run_dir / LEDGER_FILE, ray_run)
         show = progress_callback or _print_progress
