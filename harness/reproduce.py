@@ -117,7 +117,7 @@ def _last_checkpoint(work: Path) -> str | None:
     from harness.train.checkpoint import MODEL_FILE, newest
     from harness.train.driver import checkpoint_dirs
 
-    saved = newest(checkpoint_dirs(work / "train"), skipped=lambda message: None)
+    saved = newest(checkpoint_dirs(work / "train"))
     return str(saved.path / MODEL_FILE) if saved else None
 
 

@@ -256,7 +256,7 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
         stop.set()
         drainer.join()
         if owns_run:
-            last = newest(checkpoint_dirs(run_dir), skipped=lambda message: None)
+            last = newest(checkpoint_dirs(run_dir))
             end_train_run(tracking, error, killed=interrupt.requested(),
                           last_checkpoint=str(last.path / MODEL_FILE) if last else None)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
