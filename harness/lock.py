@@ -63,8 +63,10 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.command = command
         self.fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "RunLock":
+        self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK_FILE
         # O_CLOEXEC is Python's default: the lock is not inherited by the processes Ray spawns
@@ -91,5 +93,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, InputError) and self.created:
+            # refused input leaves no trace: a run directory this call created and nothing wrote
+            # into goes again (removed while still held, so no other process is using it)
+            if [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                (self.run_dir / LOCK_FILE).unlink()
+                self.run_dir.rmdir()
         self.release()

@@ -41,3 +41,17 @@ def test_the_lock_is_not_inherited_by_children(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_refused_input_leaves_no_run_directory_behind(tmp_path):
+    from harness.config import InputError
+
+    with pytest.raises(InputError):
+        with RunLock(tmp_path / "new", "reproduce"):
+            raise InputError("--data-root x: no such directory")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(InputError):
+        with RunLock(tmp_path / "kept", "reproduce"):
+            raise InputError("bad")
+    assert (tmp_path / "kept").is_dir()  # it was there before

@@ -42,7 +42,8 @@ def test_every_run_names_its_writer(store, cfg, tmp_path):
     uri, _ = store
     tracker = Tracker(uri, tmp_path / "run")
     parent = tracker.start_parent(["reproduce"])
-    child, resumed = tracker.child_run(cfg, parent, {"device_type": "cpu"})
+    keys = {contract.TRAINING_ID: "t", contract.RUN_KEY: "r"}
+    child, resumed = tracker.child_run(cfg, parent, {"device_type": "cpu"}, keys)
     runs = [parent, child, tracker.start_train(cfg), tracker.log_eval(cfg, _eval_record(cfg)),
             tracker.log_kernel_profile("check", {"device_type": "cpu"}, [], "", {})]
     for run_id in runs:
@@ -51,6 +52,8 @@ def test_every_run_names_its_writer(store, cfg, tmp_path):
         assert tags[contract.RUN_DIR] == str((tmp_path / "run").resolve())
     assert not resumed
     assert tracker.client.get_run(child).data.tags[contract.PARENT_RUN] == parent
+    assert tracker.child_run(cfg, parent, {}, keys) == (child, True)  # the same unfinished work continues
+    assert tracker.child_run(cfg, parent, {}, {**keys, contract.RUN_KEY: "other"})[1] is False
     evaluated = tracker.client.get_run(runs[3]).data
     assert evaluated.tags[contract.KIND] == contract.KIND_EVAL and evaluated.tags[contract.STATUS] == contract.FINISHED
     assert evaluated.metrics[contract.metric(contract.SS, contract.MIOU)] == pytest.approx(
