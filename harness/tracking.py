@@ -27,7 +27,7 @@ from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CO
                               GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
                               KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
                               LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
-                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, STAGE, STAGE_TRAIN, STATUS,
+                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, TRAINING_ID, SOURCE, STAGE, STAGE_TRAIN, STATUS,
                               VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
 from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
@@ -312,12 +312,14 @@ class MetricsLogger:
             self.client.log_batch(self.run_id, metrics=_metric_batch(metrics, step))
 
 
-def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str | None) -> tuple[dict | None, bool]:
+def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str | None, data_root: Path,
+              train_fingerprint: str, training_id: str) -> tuple[dict | None, bool]:
     """The MLflow run a training logs to: (``{"uri", "run_id"}`` for the workers, or None
     without tracking; whether this call owns the run and so ends it with ``end_train_run``).
 
-    A given run id belongs to the caller (who logs its parameters); otherwise one run per run
-    directory is created (and reused on resume) with every config value as a parameter."""
+    A given run id belongs to the caller (who logs its parameters and data); otherwise one run
+    per run directory is created (and reopened on resume) with every config value as a
+    parameter, its training identity and the training split it reads."""
     if not (tracking_uri or run_id):
         return None, False
     import mlflow
@@ -325,11 +327,17 @@ def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str 
     uri = tracking_uri or mlflow.get_tracking_uri()
     if run_id:
         return {"uri": uri, "run_id": run_id}, False
+    tracker = Tracker(uri, run_dir)
     saved = run_dir / TRAIN_RUN_FILE
     if saved.is_file():
-        return {"uri": uri, "run_id": saved.read_text().strip()}, True
-    run_id = Tracker(uri, run_dir).start_train(cfg)
-    write_text(saved, run_id)
+        run_id = saved.read_text().strip()
+        tracker.client.update_run(run_id, status="RUNNING")
+        tracker.set_tags(run_id, {STATUS: RUNNING, RESUMED: "true", **tracker._owner()})
+    else:
+        run_id = tracker.start_train(cfg)
+        write_text(saved, run_id)
+        tracker.set_tags(run_id, {TRAINING_ID: training_id})
+        tracker.log_dataset(run_id, data_root, {"training": train_fingerprint}, context="training")
     return {"uri": uri, "run_id": run_id}, True
 
 

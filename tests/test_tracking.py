@@ -125,13 +125,19 @@ def test_metrics_logger(store, cfg, tmp_path):
 
 def test_train_run_is_one_per_run_directory(store, cfg, tmp_path):
     uri, _ = store
-    assert train_run(cfg, tmp_path, None, None) == (None, False)
-    assert train_run(cfg, tmp_path, uri, "given") == ({"uri": uri, "run_id": "given"}, False)
-    tracking, owned = train_run(cfg, tmp_path, uri, None)
-    assert owned and train_run(cfg, tmp_path, uri, None) == (tracking, True)  # resumed: the same run
+    data = (tmp_path / "data", "f" * 16, "t" * 16)
+    assert train_run(cfg, tmp_path, None, None, *data) == (None, False)
+    assert train_run(cfg, tmp_path, uri, "given", *data) == ({"uri": uri, "run_id": "given"}, False)
+    tracking, owned = train_run(cfg, tmp_path, uri, None, *data)
+    end_train_run(tracking, None, killed=True)
+    assert owned and train_run(cfg, tmp_path, uri, None, *data) == (tracking, True)  # resumed: the same run
     run = MlflowClient(uri).get_run(tracking["run_id"])
+    assert (run.info.status, run.data.tags[contract.STATUS]) == ("RUNNING", contract.RUNNING)  # reopened
     assert run.data.tags[contract.STAGE] == contract.STAGE_TRAIN
     assert run.data.params["optim.iterations"] == str(cfg.optim.iterations)
+    assert run.data.tags[contract.TRAINING_ID] == "t" * 16
+    assert run.data.tags[contract.DATA_ROOT] == str(tmp_path / "data")
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["ADE20K/training"]
     end_train_run(tracking, "bad dataset file: x.png")
     run = MlflowClient(uri).get_run(tracking["run_id"])
     assert run.info.status == "FAILED" and run.data.tags[contract.ERROR] == "bad dataset file: x.png"
