@@ -1,6 +1,7 @@
 import os
 import shutil
 import tempfile
+import types
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,20 @@ def tiny_experiments():
             (dest / "profiles" / f"{name}.yaml").write_text(profile)
         return dest
     return make
+
+
+@pytest.fixture
+def segrepro(capsys):
+    """``segrepro(*args)``: the command line run in this process, as a subprocess would report it
+    (``returncode``, ``stdout``, ``stderr``) without a new interpreter's start-up."""
+    from harness.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        out = capsys.readouterr()
+        return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run

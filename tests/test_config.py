@@ -1,7 +1,5 @@
 """The config schema: every zoo row resolves with every recipe; bad input names file and field."""
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,28 +104,21 @@ def test_bad_recipe_file_names_it(experiments_copy):
     assert str(path) in str(err.value) and "field 'model.ln_epsilon'" in str(err.value)
 
 
-def _segrepro(*args, env_dir=None):
-    import os
-
-    env = dict(os.environ)
-    if env_dir:
-        env["SEGREPRO_EXPERIMENTS"] = str(env_dir)
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, env=env)
-
-
-def test_cli_reports_bad_yaml_with_exit_2(experiments_copy):
+def test_cli_reports_bad_yaml_with_exit_2(experiments_copy, segrepro, monkeypatch):
+    monkeypatch.setenv("SEGREPRO_EXPERIMENTS", str(experiments_copy))
     path = experiments_copy / "zoo" / "seg_small_mask.yaml"
     _edit(path, "n_heads: 6", "n_heads: six")
-    res = _segrepro("zoo", env_dir=experiments_copy)
+    res = segrepro("zoo")
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "field 'model.n_heads'" in lines[0]
 
 
-def test_zoo_lists_documented_figures_from_the_data_file(experiments_copy):
+def test_zoo_lists_documented_figures_from_the_data_file(experiments_copy, segrepro, monkeypatch):
     import json
 
-    res = _segrepro("zoo", "--json", env_dir=experiments_copy)
+    monkeypatch.setenv("SEGREPRO_EXPERIMENTS", str(experiments_copy))
+    res = segrepro("zoo", "--json")
     assert res.returncode == 0, res.stderr
     rows = {r["config"]: r for r in json.loads(res.stdout)}
     for fig in load_documented(experiments_copy / "documented.yaml"):
@@ -138,8 +129,8 @@ def test_zoo_lists_documented_figures_from_the_data_file(experiments_copy):
     # the figures come from the file: change one and the listing follows
     _edit(experiments_copy / "documented.yaml", "source: paddlevit, metric: miou_ss, value: ",
           "source: paddlevit, metric: miou_ss, value: 1")
-    rows2 = {r["config"]: r for r in json.loads(_segrepro("zoo", "--json", env_dir=experiments_copy).stdout)}
+    rows2 = {r["config"]: r for r in json.loads(segrepro("zoo", "--json").stdout)}
     changed = [n for n in SEED_ROWS if rows2[n]["documented"]["paddlevit.miou_ss"] != rows[n]["documented"]["paddlevit.miou_ss"]]
     assert len(changed) == 1
-    table = _segrepro("zoo", env_dir=experiments_copy)
+    table = segrepro("zoo")
     assert table.returncode == 0 and "seg_base_deit_mask" in table.stdout

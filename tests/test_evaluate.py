@@ -73,12 +73,8 @@ def test_one_and_two_ray_workers_give_identical_matrices(ade_root):
     assert torch.equal(one.mat, two.mat)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True)
-
-
-def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path, fixture_yaml):
-    res = _cli("eval", str(fixture_yaml), "--checkpoint", FIXTURE, "--data-root", str(ade_root), "--ms-flip",
+def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path, fixture_yaml, segrepro):
+    res = segrepro("eval", str(fixture_yaml), "--checkpoint", FIXTURE, "--data-root", str(ade_root), "--ms-flip",
                "--out", str(tmp_path / "out"), "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout)
@@ -91,7 +87,7 @@ def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path, fixture_y
     assert saved["source"] == "reference" and saved["normalization"] == "vit"
     rows = (tmp_path / "out" / "msflip_per_class.csv").read_text().splitlines()
     assert rows[0] == "class,IoU,Acc" and rows[1].startswith("wall,") and len(rows) == 151
-    missing = _cli("eval", "seg_tiny_mask", "--checkpoint", FIXTURE, "--data-root", str(tmp_path / "nope"))
+    missing = segrepro("eval", "seg_tiny_mask", "--checkpoint", FIXTURE, "--data-root", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "nope" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
@@ -112,8 +108,8 @@ def test_eval_memory_does_not_grow_with_the_split(tmp_path, fixture_yaml):
     assert peaks[600] <= 1.10 * peaks[100]
 
 
-def test_bench_cli_reports_figures_with_protocol(fixture_yaml):
-    res = _cli("bench", str(fixture_yaml), "--warmup", "1", "--repeats", "3", "--json")
+def test_bench_cli_reports_figures_with_protocol(fixture_yaml, segrepro):
+    res = segrepro("bench", str(fixture_yaml), "--warmup", "1", "--repeats", "3", "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     cfg = load_config(fixture_yaml)

@@ -13,17 +13,12 @@ from harness.models import load_checkpoint
 FIXTURE = "tests/fixtures/vit_linear"
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "harness.cli", "predict", "--checkpoint", FIXTURE, *args],
-                          capture_output=True, text=True)
-
-
-def test_predict_writes_palette_mask_and_probabilities(tmp_path):
+def test_predict_writes_palette_mask_and_probabilities(tmp_path, segrepro):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (50, 90, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "in.png")
-    res = _cli("--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "mask.png"), "--ms-flip",
-               "--logits", str(tmp_path / "p.npy"))
+    res = segrepro("predict", "--checkpoint", FIXTURE, "--image", tmp_path / "in.png", "--out", tmp_path / "mask.png",
+                   "--ms-flip", "--logits", tmp_path / "p.npy")
     assert res.returncode == 0, res.stderr
     probs = np.load(tmp_path / "p.npy")
     assert probs.shape == (150, 50, 90) and np.allclose(probs.sum(0), 1, atol=1e-5)
@@ -37,10 +32,10 @@ def test_predict_writes_palette_mask_and_probabilities(tmp_path):
     assert (mask == palette[probs.argmax(0)]).all()
 
 
-def test_predict_refuses_missing_and_non_images(tmp_path):
+def test_predict_refuses_missing_and_non_images(tmp_path, segrepro):
     (tmp_path / "notes.jpg").write_text("not an image")
     for path, message in ((tmp_path / "absent.jpg", "no such image file"), (tmp_path / "notes.jpg", "not a readable image")):
-        res = _cli("--image", str(path), "--out", str(tmp_path / "mask.png"))
+        res = segrepro("predict", "--checkpoint", FIXTURE, "--image", path, "--out", tmp_path / "mask.png")
         assert res.returncode == 2 and message in res.stderr and str(path) in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mask.png").exists()
