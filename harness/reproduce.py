@@ -225,8 +225,6 @@ class Reproduction:
         write_text(work / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         keys = {contract.TRAINING_ID: plan.training_id, contract.RUN_KEY: plan.run_key}
         run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts, keys)
-        self.tracker.log_dataset(run_id, self.opts.data_root,
-                                 {split: fp["fingerprint"] for split, fp in plan.fingerprints.items()}, context="training")
         log = (work / "log.txt").open("a")
 
         def note(text: str) -> None:
@@ -235,6 +233,9 @@ class Reproduction:
             self.board.update(name, text)
 
         try:
+            self.tracker.log_dataset(run_id, self.opts.data_root,
+                                     {split: fp["fingerprint"] for split, fp in plan.fingerprints.items()},
+                                     context="training")
             note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id}); encoder init: "
                  f"{self.init_notes[name]}; precision {cfg.optim.amp}; training identity {plan.training_id}")
             interrupt.check()

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,10 +28,11 @@ from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CO
                               GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
                               KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
                               LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
-                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, TRAINING_ID, SOURCE, STAGE, STAGE_TRAIN, STATUS,
-                              VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
+                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, STAGE, STAGE_TRAIN,
+                              STATUS, TRAINING_ID, VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
 from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
+_DATASETS = threading.Lock()
 TRAIN_RUN_FILE = "mlflow_run_id"  # a standalone training run directory's MLflow run, reused on resume
 
 
@@ -219,7 +221,17 @@ class Tracker:
                                        source=json.dumps({"uri": root})),
                                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
                   for split, fp in fingerprints.items()]
-        self.client.log_inputs(run_id, datasets=inputs)
+        from mlflow.exceptions import MlflowException
+
+        # MLflow's SQL store inserts a dataset it has not seen yet without guarding against a
+        # concurrent insert of the same one (name, digest): configurations of one reproduce log
+        # the same data at once. One writer at a time here; a retry after another process won
+        # the race finds the row.
+        with _DATASETS:
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except MlflowException:
+                self.client.log_inputs(run_id, datasets=inputs)
 
     # ------------------------------------------------------------ other runs
 
