@@ -162,3 +162,32 @@ def test_the_writer_refuses_a_file_that_is_not_a_store(tmp_path, damage):
             write(uri)
         assert str(db) in str(info.value)
     assert db.read_bytes() == before
+
+
+def test_concurrent_runs_log_the_same_dataset(store, cfg, tmp_path):
+    """reproduce's configurations record the same data at the same moment, each from its thread."""
+    import threading
+
+    uri, _ = store
+    tracker = Tracker(uri, tmp_path)
+    parent = tracker.start_parent(["reproduce"])
+    runs = [tracker.child_run(cfg, parent, {}, {contract.TRAINING_ID: str(i), contract.RUN_KEY: f"k{i}"})[0]
+            for i in range(8)]
+    start, errors = threading.Barrier(len(runs)), []
+
+    def log(run_id):
+        start.wait()
+        try:
+            tracker.log_dataset(run_id, tmp_path / "data", {"training": "a" * 16, "validation": "b" * 16}, "training")
+        except Exception as e:  # whatever escaped fails the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for run_id in runs:
+        names = sorted(d.dataset.name for d in tracker.client.get_run(run_id).inputs.dataset_inputs)
+        assert names == ["ADE20K/training", "ADE20K/validation"]
