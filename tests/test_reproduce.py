@@ -196,7 +196,9 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def test_bad_input_is_refused_before_any_work(env, tmp_path):
+def test_bad_input_is_refused_before_any_work(env, tmp_path, segrepro, monkeypatch):
+    # in this process: every refusal comes before Ray would start
+    monkeypatch.setenv("SEGREPRO_EXPERIMENTS", env["env"]["SEGREPRO_EXPERIMENTS"])
     base = ["reproduce", "--profile", "tiny", "--run-dir", str(tmp_path / "run")]
     cases = [
         (["--configs", "seg_nope", "--data-root", str(env["data"])], "unknown configuration 'seg_nope'"),
@@ -206,7 +208,7 @@ def test_bad_input_is_refused_before_any_work(env, tmp_path):
          "tracking URI"),
     ]
     for extra, message in cases:
-        res = _segrepro(env, *base, *extra)
+        res = segrepro(*base, *extra)
         assert res.returncode == 2, (extra, res.stderr[-2000:])
         lines = [l for l in res.stderr.splitlines() if l.startswith("segrepro: error")]
         assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
