@@ -2,7 +2,7 @@
 
 On whatever GPU it finds it runs, one step after another (a failing step does not stop the
 others):
-1. the GPU-only kernel tests (``pytest -m gpu tests/kernels``: the compiled Triton kernels
+1. the GPU-only kernel tests (``pytest -m gpu tests/test_kernels``: the compiled Triton kernels
    against their PyTorch references, forward and backward, fp32/fp16/bf16);
 2. ``segrepro kernels profile`` on the zoo shapes (fp16), CSV under ``OUT/kernels``;
 3. a generated dataset in the ADE20K layout (``OUT/data``);
@@ -56,7 +56,7 @@ DEFAULT_OUT = Path("runs") / "gpu-check"
 NO_GPU_MESSAGE = ("gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False): gpu-check has nothing "
                   "to run; nothing was written. Run `make gpu-check` on a machine with an NVIDIA GPU.")
 # Only the kernel tests: tests/test_gpucheck.py's GPU test runs gpu-check itself.
-GPU_TEST_PATHS = ("tests/kernels",)
+GPU_TEST_PATHS = ("tests/test_kernels",)
 TRAIN_MODEL = "seg_tiny_mask"
 ITERATIONS = 20
 LOG_INTERVAL = 5

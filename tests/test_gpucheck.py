@@ -145,7 +145,7 @@ def test_junit_counts(tmp_path):
 
 @no_cuda_only
 def test_gpu_tests_step_fails_when_no_gpu_test_passes(tmp_path):
-    rec = gpucheck.gpu_tests_step(tmp_path, ("tests/kernels/test_kernel_device.py",))
+    rec = gpucheck.gpu_tests_step(tmp_path, ("tests/test_kernels/test_kernel_device.py",))
     assert rec.status == "failed" and rec.reason.startswith("no GPU test passed (1 skipped)")
     assert (rec.figures["tests"], rec.figures["skipped"], rec.figures["exit_status"]) == (1, 1, 0)
     assert (tmp_path / "gpu_tests.xml").is_file() and (tmp_path / "gpu_tests.log").is_file()
