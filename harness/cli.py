@@ -16,32 +16,9 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def zoo_table() -> list[dict]:
-    """Every zoo configuration with its parameter count (counted from the built model) and
-    the documented figures of each source."""
-    import torch
-
-    from harness.config import load_config, load_documented, zoo_names
-    from harness.models import build_model, count_parameters
-
-    documented = load_documented()
-    rows = []
-    for name in zoo_names():
-        cfg = load_config(name)
-        with torch.device("meta"):  # shapes only: counting needs no memory or init time
-            params = count_parameters(build_model(cfg.model))
-        figures = {f"{d['source']}.{d['metric']}": d["value"] for d in documented if d["config"] == name}
-        rows.append({"config": name, "description": cfg.description, "params_m": params / 1e6,
-                     "window": cfg.eval.window, "stride": cfg.eval.stride, "documented": figures})
-    zoo = set(zoo_names())
-    for name in sorted({d["config"] for d in documented} - zoo):
-        figures = {f"{d['source']}.{d['metric']}": d["value"] for d in documented if d["config"] == name}
-        rows.append({"config": name, "description": "documented only (no zoo configuration)",
-                     "params_m": None, "window": None, "stride": None, "documented": figures})
-    return rows
-
-
 def cmd_zoo(args: argparse.Namespace) -> int:
+    from harness.zoo import zoo_table
+
     rows = zoo_table()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -52,7 +29,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             ("mmseg.miou_ss", "MMS ss"), ("mmseg.miou_msflip", "MMS ms+flip"), ("reference.params", "OFF params M"),
             ("reference.fps", "OFF fps"), ("mmseg.fps", "MMS fps"), ("mmseg.train_memory", "MMS mem GB")]
     table = [[r["config"], _fmt(r["params_m"], 1)] + [_fmt(r["documented"].get(k)) for k, _ in cols] for r in rows]
-    print(tabulate(table, headers=["config", "params M (built)"] + [t for _, t in cols], disable_numparse=True))
+    print(tabulate(table, headers=["config", "params M"] + [t for _, t in cols], disable_numparse=True))
     print("\nPVT = PaddleViT, OFF = reference code, MMS = MMSegmentation; documented figures from experiments/documented.yaml")
     return 0
 
@@ -306,16 +283,12 @@ def cmd_kernels_profile(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segrepro", description=(
-                                     "Reproduce, benchmark and profile the Segmenter ADE20K model zoo."))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("zoo", help="list the zoo configurations with their documented figures")
+def _zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("predict", help="segment one image with a checkpoint")
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="reference run directory, its checkpoint.pth, or a segrepro checkpoint")
     p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip views (the config's scales)")
@@ -324,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation (default: the config's)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("eval", help="mIoU of a checkpoint on the validation split (ss or ms+flip), under any "
-                                    "source's protocol")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="zoo configuration name or YAML path whose evaluation protocol to use "
                                              "(default: the checkpoint's own config and its source's protocol)")
     p.add_argument("--checkpoint", required=True, help="reference run directory or checkpoint.pth, a segrepro "
@@ -345,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="throughput, latency, FLOPs, parameters and peak memory of a zoo model")
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="zoo configuration name or YAML path")
     p.add_argument("--checkpoint", help="weights to time (default: freshly initialised; speed does not depend on them)")
     p.add_argument("--recipe", help="named recipe")
@@ -358,15 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
 
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     from harness.train import command as train
 
-    p = sub.add_parser("train", help="train one configuration with Ray Train (DDP, checkpoints, resume)")
     train.add_arguments(p)
     p.set_defaults(func=train.run)
 
-    from harness.preflight import MEASURED_ITERATIONS
 
-    p = sub.add_parser("reproduce", help="every configuration: train, eval ss and ms+flip, benchmark; then the report")
+def _reproduce_arguments(p: argparse.ArgumentParser) -> None:
+    from harness.preflight import MEASURED_ITERATIONS
+    from harness.train import command as train
+
     p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
     p.add_argument("--profile", help="run profile: full or smoke (default: the config's, full)")
     p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit)")
@@ -385,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the outcome as JSON")
     p.set_defaults(func=cmd_reproduce)
 
-    wts = sub.add_parser("weights", help="the ImageNet backbone checkpoints the zoo starts from")
+
+def _weights_arguments(wts: argparse.ArgumentParser) -> None:
     wts_sub = wts.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     p = wts_sub.add_parser("fetch", help="download them through timm into the Hugging Face cache")
     p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
@@ -396,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_weights_check)
 
+
+def _data_arguments(data: argparse.ArgumentParser) -> None:
     from harness.data import bench, check, download, synth
 
-    data = sub.add_parser("data", help="ADE20K: download, check, generate, benchmark the pipeline")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     for name, module, text in (("check", check, "verify a dataset's layout and files"),
                                ("download", download, "download and extract ADEChallengeData2016.zip"),
@@ -408,19 +387,51 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     from reports import build as report_build
 
-    p = sub.add_parser("report", help="documented against reproduced: Markdown, HTML, CSV and plots from MLflow runs")
     report_build.add_arguments(p)
     p.set_defaults(func=report_build.run)
 
-    kern = sub.add_parser("kernels", help="Triton kernels")
-    kern_sub = kern.add_subparsers(dest="kernels_command", required=True, metavar="ACTION")
-    p = kern_sub.add_parser("profile", help="time the kernels against PyTorch on this GPU (correctness check without one)")
+
+def _kernels_arguments(kern: argparse.ArgumentParser) -> None:
     from kernels import profile
 
+    kern_sub = kern.add_subparsers(dest="kernels_command", required=True, metavar="ACTION")
+    p = kern_sub.add_parser("profile", help="time the kernels against PyTorch on this GPU (correctness check without one)")
     profile.add_arguments(p)
     p.set_defaults(func=cmd_kernels_profile)
+
+
+# name, one-line help, the function that adds its arguments (called only for the chosen
+# command: building every command's arguments would import torch, Ray and MLflow for --help)
+COMMANDS = (
+    ("zoo", "list the zoo configurations with their documented figures", _zoo_arguments),
+    ("predict", "segment one image with a checkpoint", _predict_arguments),
+    ("eval", "mIoU of a checkpoint on the validation split (ss or ms+flip), under any source's protocol",
+     _eval_arguments),
+    ("bench", "throughput, latency, FLOPs, parameters and peak memory of a zoo model", _bench_arguments),
+    ("train", "train one configuration with Ray Train (DDP, checkpoints, resume)", _train_arguments),
+    ("reproduce", "every configuration: train, eval ss and ms+flip, benchmark; then the report", _reproduce_arguments),
+    ("weights", "the ImageNet backbone checkpoints the zoo starts from", _weights_arguments),
+    ("data", "ADE20K: download, check, generate, benchmark the pipeline", _data_arguments),
+    ("report", "documented against reproduced: Markdown, HTML, CSV and plots from MLflow runs", _report_arguments),
+    ("kernels", "Triton kernels", _kernels_arguments),
+)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command is listed, but only the one ``argv`` names gets its
+    arguments (None: all of them, for tools that read the whole parser)."""
+    parser = argparse.ArgumentParser(prog="segrepro", description=(
+                                     "Reproduce, benchmark and profile the Segmenter ADE20K model zoo."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for name, text, add_arguments in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text)
+        if chosen is None or chosen == name:
+            add_arguments(p)
     return parser
 
 
@@ -428,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     # segrepro starts or joins Ray explicitly (harness.raylib); a Ray call after Ctrl-C stopped
     # it must fail, not silently start or join another cluster. Read when ray is first imported.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except InputError as e:

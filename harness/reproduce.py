@@ -28,7 +28,7 @@ import yaml
 from harness import contract, identity, interrupt, weights
 from harness.atomic import write_json, write_text
 from harness.config import Config, InputError, load_config, zoo_names
-from harness.data import DataError
+from harness.data.ade20k import DataError
 from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight
 from harness.tracking import Tracker, default_tracking_uri
 

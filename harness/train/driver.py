@@ -26,7 +26,7 @@ from typing import Sequence
 from harness import interrupt, weights
 from harness.atomic import write_json
 from harness.config import Config, InputError
-from harness.data import ADE20K, DataError
+from harness.data.ade20k import ADE20K, DataError
 from harness.data.fingerprint import split_fingerprint
 from harness.identity import training_id, training_settings
 from harness.lock import RunLock

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from harness import weights
 from harness.config import Config, InputError
-from harness.data import ADE20K, IGNORE_INDEX, DataError, build_train_transform, loader_generator, seed_worker
+from harness.data.ade20k import ADE20K, IGNORE_INDEX, DataError
+from harness.data.transforms import build_train_transform, loader_generator, seed_worker
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights
 from harness.optim import build_optimizer
