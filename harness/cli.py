@@ -209,7 +209,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o["status"] == "failed"]
     for o in failed:
         if o.get("user_error"):  # bad input met during the run: the command's user error too
-            print(f"segrepro: error: {o['error']}", file=sys.stderr)
+            print(f"segrepro: error: {o['error']}\nsegrepro: full traceback in {o['log']}", file=sys.stderr)
     return 2 if any(o.get("user_error") for o in failed) else 1 if failed else 0
 
 

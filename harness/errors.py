@@ -57,6 +57,13 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {first[0] if first else ''}"
 
 
+def _refusal(exc: BaseException) -> bool:
+    """Bad input refused where it was found: the message is all there is (its traceback, still
+    logged, names no further cause)."""
+    chained = exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__)
+    return isinstance(exc, InputError) and not chained
+
+
 def report(exc: BaseException, run_dir, argv: list[str], debug: bool) -> int:
     """Show ``exc`` as the boundary does; its exit code."""
     from harness.logs import write_failure
@@ -66,7 +73,7 @@ def report(exc: BaseException, run_dir, argv: list[str], debug: bool) -> int:
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     print(f"segrepro: error: {message}", file=sys.stderr)
-    if log is not None:
+    if log is not None and not _refusal(exc):
         print(f"segrepro: full traceback in {log}" + ("" if debug else " (--debug prints it here)"),
               file=sys.stderr)
     return code

@@ -281,7 +281,7 @@ class Reproduction:
             self.tracker.log_artifact(run_id, work / "log.txt")
             self.tracker.finish(run_id, f"{type(e).__name__}: {e}")
             return {"config": name, "status": "failed", "run_id": run_id, "error": str(e),
-                    "user_error": isinstance(e, InputError)}
+                    "user_error": isinstance(e, InputError), "log": str(work / "log.txt")}
 
     def _train(self, plan: Plan, run_id: str, note) -> dict:
         from harness.train.driver import finished_result, train
