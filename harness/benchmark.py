@@ -222,8 +222,11 @@ def format_result(r: dict) -> str:
         f"{r['slide_latency_median_ms']:.1f} ms per image",
         f"  {r['gflops']:.1f} GFLOPs per image, {r['params_m']:.2f} M parameters, "
         f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
-        f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
-        f"TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, threads {p['threads']}",
+        f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, "
+        # TF32 and cuDNN settings exist on CUDA only (None elsewhere)
+        + (f"TF32 matmul {p['tf32_matmul']}, TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, "
+           if p['tf32_matmul'] is not None else "")
+        + f"threads {p['threads']}",
         f"  concurrent load while timing: {p['concurrent_load']} (1-min load average {p['load']['loadavg_1m']:.2f})",
     ]
     facts = r["device_facts"]

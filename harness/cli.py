@@ -42,7 +42,7 @@ def _read_image(path: Path):
         raise InputError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy shares its memory
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(f"{path}: not a readable image ({e})") from None
 
@@ -86,6 +86,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from harness.evaluate import Protocol, run_eval
     from harness.models import load_checkpoint
 
+    for flag, value in (("--limit", args.limit), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} {value}: must be at least 1")
     if not Path(args.data_root).exists():
         raise InputError(f"--data-root {args.data_root}: no such directory")
     # the checkpoint's own config names its source and carries that source's protocol
@@ -180,7 +183,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"report: {report_dir / 'report.md'} and {report_dir / 'report.html'}")
         ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
         print(f"MLflow: {ui}")
-    return 1 if any(o["status"] == "failed" for o in outcomes) else 0
+    failed = [o for o in outcomes if o["status"] == "failed"]
+    for o in failed:
+        if o.get("user_error"):  # bad input met during the run: the command's user error too
+            print(f"segrepro: error: {o['error']}\nsegrepro: full traceback in {o['log']}", file=sys.stderr)
+    return 2 if any(o.get("user_error") for o in failed) else 1 if failed else 0
 
 
 def _weights_configs(args: argparse.Namespace) -> list:
@@ -281,6 +288,19 @@ def cmd_kernels_profile(args: argparse.Namespace) -> int:
                                    {"shapes": args.shapes, "dtype": args.dtype or "default"})
     profile.show(result, args.json, csv_path)
     return 0 if result.passed else 1
+
+
+class _Version(argparse.Action):
+    """``--version``: the git commit is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from harness.logs import version
+
+        print(version())
+        parser.exit()
 
 
 def _zoo_arguments(p: argparse.ArgumentParser) -> None:
@@ -426,6 +446,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     arguments (None: all of them, for tools that read the whole parser)."""
     parser = argparse.ArgumentParser(prog="segrepro", description=(
                                      "Reproduce, benchmark and profile the Segmenter ADE20K model zoo."))
+    parser.add_argument("--version", action=_Version, help="print the package version and git commit, then exit")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of a failure (always in the log)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's, MLflow's and other libraries' INFO "
+                                                               "output and warnings")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     for name, text, add_arguments in COMMANDS:
@@ -436,22 +460,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line's error boundary: bad input and failures met during a run become one
+    message and exit 2 (harness/errors.py), Ctrl-C exit 130."""
     # segrepro starts or joins Ray explicitly (harness.raylib); a Ray call after Ctrl-C stopped
     # it must fail, not silently start or join another cluster. Read when ray is first imported.
     os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from harness import logs
+
+    logs.configure(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except InputError as e:
-        print(f"segrepro: error: {e}", file=sys.stderr)
-        return 2
     except Interrupted as e:
         print(f"segrepro: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("segrepro: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from harness.errors import report
+
+        return report(e, getattr(args, "run_dir", None), argv, args.debug)
 
 
 if __name__ == "__main__":

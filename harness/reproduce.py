@@ -59,9 +59,13 @@ def resolve_configs(spec: str) -> list[str]:
         return zoo_names()
     if spec == "seed":
         return list(SEED_CONFIGS)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
+    given = [n.strip() for n in spec.split(",") if n.strip()]
+    if not given:
         raise InputError(f"--configs {spec!r}: expected all, seed, or a comma-separated list of configurations")
+    names = list(dict.fromkeys(given))  # one run directory holds one run of each configuration
+    if len(names) < len(given):
+        twice = sorted({n for n in given if given.count(n) > 1})
+        print(f"segrepro: note: --configs names {', '.join(twice)} more than once; each runs once", file=sys.stderr)
     return names
 
 
@@ -132,6 +136,8 @@ class Reproduction:
         overrides = {"optim": {"amp": self.opts.amp}} if self.opts.amp else None
         self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile, overrides=overrides)
                      for n in self.opts.configs]
+        if self.opts.workers < 1:
+            raise InputError(f"--workers {self.opts.workers}: must be at least 1")
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
                 raise InputError(f"--workers {self.opts.workers}: must divide {cfg.name}'s global batch "
@@ -192,6 +198,10 @@ class Reproduction:
         for run_id in self.tracker.close_stale(self.opts.run_dir):
             print(f"segrepro: run {run_id} of a process that died was marked KILLED", file=sys.stderr)
         self.parent = self.tracker.start_parent(self.opts.argv)
+        # the parent row of MLflow's run list shows its own inputs ("Dataset: -" without them)
+        self.tracker.log_dataset(self.parent, self.opts.data_root,
+                                 {split: fp["fingerprint"] for split, fp in self.plans[0].fingerprints.items()},
+                                 context="training")
         self.board = StatusBoard([c.name for c in self.cfgs])
         with interrupt.handling_sigint():
             with ThreadPoolExecutor(max_workers=len(self.plans)) as pool:
@@ -270,7 +280,8 @@ class Reproduction:
             log.close()
             self.tracker.log_artifact(run_id, work / "log.txt")
             self.tracker.finish(run_id, f"{type(e).__name__}: {e}")
-            return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
+            return {"config": name, "status": "failed", "run_id": run_id, "error": str(e),
+                    "user_error": isinstance(e, InputError), "log": str(work / "log.txt")}
 
     def _train(self, plan: Plan, run_id: str, note) -> dict:
         from harness.train.driver import finished_result, train

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -33,6 +34,8 @@ from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CO
 from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
 _DATASETS = threading.Lock()
+# the experiment kind MLflow 3's UI reads: the classic view of runs, metrics and models
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TRAIN_RUN_FILE = "mlflow_run_id"  # a standalone training run directory's MLflow run, reused on resume
 
 
@@ -47,14 +50,35 @@ def check_tracking_uri(uri: str) -> None:
         except (urllib.error.URLError, OSError) as e:
             raise InputError(f"tracking URI {uri}: unreachable ({getattr(e, 'reason', e)})") from None
     elif (path := sqlite_path(uri)) is not None:
+        _check_sqlite_writable(uri, path)
         if path.exists():
             problem = sqlite_store_problem(path)
             if problem:
                 raise InputError(f"tracking URI {uri}: {problem}")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
     else:
         raise InputError(f"tracking URI {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
+
+
+def _check_sqlite_writable(uri: str, path: Path) -> None:
+    """A store SQLite cannot open or write fails here, in one line: MLflow would retry opening it
+    for two minutes, then answer with a SQLAlchemy traceback."""
+    what = f"tracking URI {uri}"
+    if path.exists() and not path.is_file():
+        raise InputError(f"{what}: {path} is not a file; pass the path of a SQLite file (created if missing)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what}: cannot create its directory {path.parent} ({e.strerror or e})") from None
+    # SQLite writes the file and, beside it, its journal; tried for real (permission bits say
+    # nothing of a read-only mount, or to root)
+    for target, probe in ((path, lambda: open(path, "r+b").close()),
+                          (path.parent, lambda: tempfile.TemporaryFile(dir=path.parent).close())):
+        try:
+            if target.exists() or target == path.parent:
+                probe()
+        except OSError as e:
+            raise InputError(f"{what}: cannot write {target} ({e.strerror or e}); make it writable or choose "
+                             f"another --run-dir / --tracking-uri") from None
 
 
 def init_tag(cfg: Config) -> str:
@@ -120,9 +144,13 @@ class Tracker:
             # a SQLite store keeps its artifacts beside the database; a server decides for itself
             path = sqlite_path(uri)
             location = (path.resolve().parent / ARTIFACTS_DIR).as_uri() if path else None
-            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+            # MLflow 3's UI opens an experiment without this tag in its GenAI view
+            self.experiment_id = self.client.create_experiment(
+                EXPERIMENT, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a store created before the tag was set
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _owner(self) -> dict:
         """The tags naming the process that writes a run now."""

@@ -119,7 +119,8 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RUN_DIR/mlflow.db)")
-    parser.add_argument("--run-dir", default="runs", help="run directory holding mlflow.db (default: runs)")
+    parser.add_argument("--run-dir", default="runs/reproduce", help="run directory holding mlflow.db (default: segrepro "
+                        "reproduce's, runs/reproduce)")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/report)")
     parser.add_argument("--tolerance", type=float, default=tables.TOLERANCE,
                         help=f"|reproduced − documented| counted as reproduced, in mIoU (default {tables.TOLERANCE})")

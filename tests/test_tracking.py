@@ -96,6 +96,23 @@ def test_final_metrics_are_logged_once(store, cfg, tmp_path):
     assert tracker.client.get_run(run_id).data.metrics[contract.WALL_TIME] == 12.0
 
 
+def test_the_experiment_opens_in_mlflows_classic_view(store, tmp_path):
+    from harness.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    tracker = Tracker(store[0], tmp_path)
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_an_unwritable_store_is_refused_at_once(tmp_path):
+    with pytest.raises(InputError, match="is not a file"):
+        check_tracking_uri(f"sqlite:///{tmp_path}")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot create its directory"):
+        check_tracking_uri(f"sqlite:///{blocker}/mlflow.db")
+
+
 def test_log_dataset_tags_the_fingerprints_and_logs_dataset_inputs(store, cfg, tmp_path):
     tracker = Tracker(store[0], tmp_path)
     run_id = tracker.start_train(cfg)

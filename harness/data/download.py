@@ -197,9 +197,10 @@ def download(root: str | Path, url: str = OFFICIAL_URL, sha1: str = OFFICIAL_SHA
             if attempt < retries:
                 time.sleep(retry_wait * 2 ** attempt)
         else:
+            # a transfer refused before its first byte leaves no .part to name
             kept = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"{url}: transfer failed after {retries + 1} attempt(s) ({reason}); "
-                                f"{kept} bytes kept in {part}; run again to resume")
+            held = f"{kept} bytes kept in {part}; run again to resume" if kept else "nothing received; run again"
+            raise DownloadError(f"{url}: transfer failed after {retries + 1} attempt(s) ({reason}); {held}")
         got = sha1_of(part)
         if got != sha1:
             os.replace(part, bad)

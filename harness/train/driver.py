@@ -61,6 +61,22 @@ def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float) 
             raise InputError(f"--data-root {data_root}: {e}") from None
 
 
+def _data_error_message(cfg: Config, data_root: Path, error: str) -> str:
+    """The bad file first and relative to the dataset (a report's status cell keeps the start of a
+    message), then why, then how to find every other bad file."""
+    from harness.data.ade20k import dataset_dir
+
+    path, _, reason = error.partition(": ")  # a DataError's message starts with its path
+    base = dataset_dir(data_root)
+    try:
+        shown = str(Path(path).relative_to(base))
+    except ValueError:
+        shown, base = path, None
+    where = f"; in {base}" if base else ""
+    return (f"{cfg.name}: bad dataset file {shown}: {reason}{where}; `segrepro data check --root {data_root}` "
+            f"lists every unreadable file: replace or remove them")
+
+
 def _drain(queue, stop: threading.Event, callback: Progress) -> None:
     from ray.util.queue import Empty
 
@@ -176,7 +192,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     (last train record), ``val`` (last validation), ``wall_time_s`` (summed over ``attempts``),
     ``attempts``, ``run_dir``, ``data_root``, ``training_id``, ``train_fingerprint`` (the
     training split's, harness/data/fingerprint.py), ``config``, ``recipe``, ``profile``,
-    ``mlflow_run_id``, ``init``, ``init_sha256``, ``amp``, ``backbone_file``.
+    ``mlflow_run_id``, ``init``, ``init_sha256``, ``amp``, ``backbone_file``; resuming a run
+    that already finished trains nothing and returns its saved result with ``already_finished``.
     """
     _check_inputs(cfg, data_root, workers, gpus_per_worker)
     run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
@@ -186,6 +203,9 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
         if not resume and ((run_dir / LEDGER_FILE).exists() or (run_dir / RAY_DIR).exists()):
             raise InputError(f"--run-dir {run_dir} already holds a training run; pass --resume to continue it "
                              f"or choose another --run-dir")
+        done = finished_result(run_dir, cfg, data_root) if resume else None
+        if done is not None:  # resuming a finished run trains nothing; its result stands
+            return {**done, "already_finished": True}
         resume_from = resume_point(run_dir, cfg)
         ray_run = _next_ray_run(run_dir)
         ledger = _Ledger(run_dir / LEDGER_FILE, ray_run)
@@ -263,7 +283,7 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
                           last_checkpoint=str(last.path / MODEL_FILE) if last else None)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
     if data_error:
-        raise DataError(f"{cfg.name}: training stopped on a bad dataset file: {data_error}")
+        raise DataError(_data_error_message(cfg, data_root, data_error))
     # Ray holds a checkpoint only where one was reported in this attempt; else it resumed at the end
     final = Path(result.checkpoint.path) if result.checkpoint else resume_from.path
     return dict(result.return_value), tracking, final

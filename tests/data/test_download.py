@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import io
 import re
+import socket
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -203,6 +204,15 @@ def test_complete_part_is_not_fetched_again(tmp_path, server, archive):
     fetch(tmp_path, server, sha1(archive))
     assert server.ranges == [f"bytes={len(archive)}-"]  # answered 416: nothing left to fetch
     assert check_dataset(tmp_path, progress=False) == []
+
+
+def test_a_refused_transfer_names_no_part_file(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError, match="nothing received") as e:
+        download(tmp_path, f"http://127.0.0.1:{port}/a.zip", "0" * 40, retries=0, progress=False)
+    assert ".part" not in str(e.value) and not list(tmp_path.glob("*.part"))
 
 
 def test_http_error_and_bad_arguments(tmp_path, server, archive, capsys):

@@ -102,6 +102,11 @@ def test_killed_worker_restarts_from_last_checkpoint(local_ray, tiny_cfg, data_r
     assert steps["train/loss"] == steps["train/lr"] == reported
     assert steps["val/mIoU"] == [n]
 
+    # resuming the finished run trains nothing: its saved result comes back as it was
+    again = train(cfg, data_root, run_dir, workers=2, tracking_uri=uri, hooks=[Trace(str(trace))])
+    assert again["already_finished"] and again["iterations"] == n and again["checkpoint"] == out["checkpoint"]
+    assert again["wall_time_s"] == out["wall_time_s"] and len(_trace(trace)) == len(lines)
+
     # the run directory now holds a run: starting over needs resume, resuming needs the same schedule
     with pytest.raises(InputError, match="already holds a training run"):
         train(cfg, data_root, run_dir, workers=2, resume=False)
