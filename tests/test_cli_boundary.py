@@ -29,13 +29,13 @@ def test_eval_refuses_counts_below_one(segrepro, tmp_path, extra, message):
 
 
 def test_an_internal_failure_is_one_line_and_the_traceback_goes_to_the_log(segrepro, tmp_path, monkeypatch):
-    import harness.cli
+    import harness.zoo
 
     def broken():
         raise KeyError("x")
 
     monkeypatch.setenv("SEGREPRO_CACHE", str(tmp_path))  # no run directory: the log lives in the cache
-    monkeypatch.setattr(harness.cli, "zoo_table", broken)
+    monkeypatch.setattr(harness.zoo, "zoo_table", broken)
     res = segrepro("zoo")
     log = tmp_path / "logs" / "segrepro.log"
     assert res.returncode == 1
