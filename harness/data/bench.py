@@ -138,7 +138,7 @@ def format_result(result: dict) -> str:
         verdict = "STARVED: the step waits for data" if have < n["images_per_s"] else "keeps up"
         if procs == 0:
             verdict = "serial: every step also waits for its batch"
-        lines.append(f"training step ({n['source']}): needs {n['images_per_s']:.1f} images/s (batch "
+        lines.append(f"training step, {n['source']}: needs {n['images_per_s']:.1f} images/s (batch "
                      f"{n['per_worker_batch']} / step {n['step_s']:.3f} s); {where} give {have:.1f} images/s: "
                      f"{verdict}")
     return "\n".join(lines)

@@ -153,8 +153,10 @@ def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
 
 
 def _normalize_hwc(img: np.ndarray, mean, std) -> torch.Tensor:
-    # MMSeg 1.x SegDataPreProcessor: float32, (x - mean) / std, as a 3xHxW tensor; in place
-    # (the same float32 operations as ``normalize``, one buffer).
+    """uint8 HxWx3 -> float32 3xHxW (x - mean) / std, in place on one buffer: MMSeg 1.x's
+    SegDataPreProcessor. The reference's MMSeg 0.x Normalize (mmcv.imnormalize: cv2.subtract of
+    the float32 mean, cv2.multiply by 1 / std in double) gives the same values (the parity test
+    checks both)."""
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
     return x.sub_(torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)).div_(
         torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data.transforms import MMSegTrainTransform, photometric_distortion
+from harness.data.transforms import MMSegTrainTransform, _normalize_hwc, photometric_distortion
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mmseg_pipeline"
 
@@ -89,3 +89,12 @@ def test_normalisation_is_mmseg_data_preprocessor(photos, expected):
     t = MMSegTrainTransform(SRC.CROP, SRC.MEAN, SRC.STD, scale=SRC.SCALE)
     img, _ = t(rgb, label, LegacyDraws(0))
     assert torch.equal(img, torch.from_numpy(expected["normalized"]))
+
+
+@pytest.mark.parametrize("stats", ["vit", "imagenet"])
+def test_normalisation_is_the_references_imnormalize_on_every_value(stats, expected):
+    # The reference normalises in its MMSeg 0.x pipeline (mmcv.imnormalize, OpenCV arithmetic),
+    # MMSeg 1.x in its data preprocessor (torch): both must come out the same, for every uint8.
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    got = _normalize_hwc(ramp, *SRC.NORMALIZATIONS[stats]).numpy().transpose(1, 2, 0)
+    assert np.array_equal(got, expected[f"imnormalized/{stats}"])
