@@ -57,11 +57,11 @@ def bench_pipeline(root: str | Path, workers: int = 0, batch_size: int = 8, n_ba
         it = iter(loader)
         for _ in range(warmup):
             next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = 0
         for batch in it:
             n += batch["image"].shape[0]
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(threads[0])
         cv2.setNumThreads(threads[1])
@@ -72,6 +72,9 @@ def bench_pipeline(root: str | Path, workers: int = 0, batch_size: int = 8, n_ba
         "images_per_s": n / elapsed,
         "images_per_s_per_worker": per_worker,
         "ms_per_image_per_worker": 1000 / per_worker,
+        # with workers = 0 the work is this process's: its CPU time, unlike wall time, does not
+        # grow with other load on the machine
+        "cpu_ms_per_image": 1000 * cpu / n if workers == 0 else None,
         "s_per_batch": elapsed / n_batches,
         "timed_s": elapsed,
         "warmup_s": t0 - t_start,
@@ -122,24 +125,26 @@ def step_needs(preflight: str | Path | None = None, step_time: float | None = No
 
 def format_result(result: dict) -> str:
     p = result["protocol"]
+    cpu = "" if result["cpu_ms_per_image"] is None else f"; {result['cpu_ms_per_image']:.1f} ms CPU/image"
     lines = [f"{result['images_per_s']:.1f} images/s ({result['s_per_batch'] * 1000:.0f} ms/batch); per worker "
              f"{result['images_per_s_per_worker']:.1f} images/s = {result['ms_per_image_per_worker']:.1f} ms/image "
-             f"(decode + transform + collate, 1 thread) - recipe {p['recipe']}, crop {p['crop_size']}, "
+             f"(decode + transform + collate, 1 thread{cpu}) - recipe {p['recipe']}, crop {p['crop_size']}, "
              f"{p['workers']} workers, batch {p['batch_size']}, {p['timed_batches']} timed batches after "
              f"{p['warmup_batches']} warm-up, {p['dataset_images']} images of ~{p['first_image_size_wh'][0]}x"
              f"{p['first_image_size_wh'][1]} in {p['root']}, load {p['load_avg_1m_before']:.1f} before"]
     for n in result.get("step_needs", []):
         procs = n["loader_processes"]
         if procs is None:
-            have, where = result["images_per_s"], f"this benchmark's {p['workers']} workers"
+            have = result["images_per_s"]
+            where = f"this benchmark's {p['workers']} workers give" if p["workers"] else "this benchmark's main process gives"
         else:  # the configuration's loader processes, each at this benchmark's per-worker rate
             have = result["images_per_s_per_worker"] * max(procs, 1)
-            where = f"its {procs} loader processes" if procs else "loading in the training process"
+            where = f"its {procs} loader processes give" if procs else "loading in the training process gives"
         verdict = "STARVED: the step waits for data" if have < n["images_per_s"] else "keeps up"
         if procs == 0:
             verdict = "serial: every step also waits for its batch"
         lines.append(f"training step, {n['source']}: needs {n['images_per_s']:.1f} images/s (batch "
-                     f"{n['per_worker_batch']} / step {n['step_s']:.3f} s); {where} give {have:.1f} images/s: "
+                     f"{n['per_worker_batch']} / step {n['step_s']:.3f} s); {where} {have:.1f} images/s: "
                      f"{verdict}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ def test_bench_pipeline_reports_rate_and_protocol(synth_root):
         assert r["images_per_s"] > 0 and r["timed_s"] > 0
         assert r["images_per_s_per_worker"] * max(workers, 1) == r["images_per_s"]
         assert r["ms_per_image_per_worker"] == 1000 / r["images_per_s_per_worker"]
+        assert (r["cpu_ms_per_image"] > 0) if workers == 0 else r["cpu_ms_per_image"] is None
         p = r["protocol"]
         assert p["workers"] == workers and p["batch_size"] == 2 and p["timed_batches"] == 3
         assert p["recipe"] == "reference" and p["crop_size"] == 32 and p["dataset_images"] == 12
@@ -47,7 +48,7 @@ def test_step_need_from_preflight_and_step_time(synth_root, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "per worker" in out[0] and "ms/image" in out[0]
     assert "training step, seg_tiny_mask (preflight): needs 0.0 images/s (batch 4 / step 1000.000 s)" in out[1]
-    assert "its 2 loader processes" in out[1] and out[1].endswith("keeps up")
+    assert "its 2 loader processes give" in out[1] and out[1].endswith("keeps up")
     assert "--step-time" in out[2] and "batch 2" in out[2] and "STARVED" in out[2]
     assert bench.run(p.parse_args(args + ["--step-time", "0.5", "--json"])) == 0
     need = json.loads(capsys.readouterr().out)["step_needs"]

@@ -84,9 +84,11 @@ def test_mmseg_pads_image_with_zero_and_label_with_ignore():
 
 
 def _share_of_largest(lab: torch.Tensor) -> float:
-    counts = torch.bincount(lab[lab != 255])
+    # numpy: torch's masked indexing + bincount took ~15 ms a call here (650 calls)
+    lab = lab.numpy()
+    counts = np.bincount(lab[lab != 255])
     counts = counts[counts > 0]
-    return 1.0 if len(counts) < 2 else counts.max().item() / counts.sum().item()
+    return 1.0 if len(counts) < 2 else counts.max() / counts.sum()
 
 
 def test_cat_max_ratio_is_respected_where_achievable():
