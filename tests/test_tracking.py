@@ -99,13 +99,16 @@ def test_final_metrics_are_logged_once(store, cfg, tmp_path):
 def test_log_dataset_tags_the_fingerprints_and_logs_dataset_inputs(store, cfg, tmp_path):
     tracker = Tracker(store[0], tmp_path)
     run_id = tracker.start_train(cfg)
-    fingerprints = {"training": "a" * 64, "validation": "b" * 64}
+    fingerprints = {"training": {"fingerprint": "a" * 64, "images": 3},
+                    "validation": {"fingerprint": "b" * 64, "images": 2}}
     for _ in range(2):  # a resumed run logs its dataset again: still one input per split
         tracker.log_dataset(run_id, tmp_path / "ade", fingerprints, "training")
     run = tracker.client.get_run(run_id)
     assert run.data.tags[contract.DATA_ROOT] == str((tmp_path / "ade").resolve())
     assert run.data.tags[contract.TRAIN_FINGERPRINT] == "a" * 64
     assert run.data.tags[contract.VAL_FINGERPRINT] == "b" * 64
+    assert (run.data.tags[contract.TRAIN_IMAGES], run.data.tags[contract.VAL_IMAGES]) == ("3", "2")
+    assert run.data.tags[contract.VAL_DATA] == contract.VAL_OTHER  # no such directory: not ADE20K val
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["ADE20K/training", "ADE20K/validation"]
     assert inputs["ADE20K/training"].dataset.digest == ("a" * 64)[:36]
@@ -125,7 +128,7 @@ def test_metrics_logger(store, cfg, tmp_path):
 
 def test_train_run_is_one_per_run_directory(store, cfg, tmp_path):
     uri, _ = store
-    data = (tmp_path / "data", "f" * 16, "t" * 16)
+    data = (tmp_path / "data", {"fingerprint": "f" * 16, "images": 4}, "t" * 16)
     assert train_run(cfg, tmp_path, None, None, *data) == (None, False)
     assert train_run(cfg, tmp_path, uri, "given", *data) == ({"uri": uri, "run_id": "given"}, False)
     tracking, owned = train_run(cfg, tmp_path, uri, None, *data)
@@ -178,7 +181,9 @@ def test_concurrent_runs_log_the_same_dataset(store, cfg, tmp_path):
     def log(run_id):
         start.wait()
         try:
-            tracker.log_dataset(run_id, tmp_path / "data", {"training": "a" * 16, "validation": "b" * 16}, "training")
+            tracker.log_dataset(run_id, tmp_path / "data", {"training": {"fingerprint": "a" * 16, "images": 1},
+                                                            "validation": {"fingerprint": "b" * 16, "images": 1}},
+                                "training")
         except Exception as e:  # whatever escaped fails the test below
             errors.append(e)
 
