@@ -23,14 +23,15 @@ from pathlib import Path
 
 from harness.atomic import write_text
 from harness.config import Config, InputError
-from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, DATA_ROOT,
-                              DEVICE_PREFIX, ERROR, EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
-                              GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
-                              KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
-                              LAST_CHECKPOINT, MODE, SPLIT_IMAGES, VAL_DATA, VAL_DATA_NOTE, VAL_GENERATED, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
-                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, STAGE, STAGE_TRAIN,
-                              STATUS, TRAINING_ID, VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
-from harness.contract import default_tracking_uri, flatten  # noqa: F401  (callers take them from the writer)
+from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, DATA_ROOT, DEVICE_PREFIX, ERROR,
+                              EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT, GIT_COMMIT_PARAM,
+                              HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND, KIND_CONFIG,
+                              KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE, LAST_CHECKPOINT,
+                              MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL, PROTOCOL_PREFIX, RECIPE,
+                              RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, SPLIT_IMAGES, STAGE, STAGE_TRAIN, STATUS,
+                              TRAINING_ID, VAL_DATA, VAL_DATA_NOTE, VAL_GENERATED, VERSIONS_PREFIX, flatten,
+                              kernel_metric, metric, sqlite_path, sqlite_store_problem)
+from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
 _DATASETS = threading.Lock()
 TRAIN_RUN_FILE = "mlflow_run_id"  # a standalone training run directory's MLflow run, reused on resume

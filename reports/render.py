@@ -10,7 +10,8 @@ import pandas as pd
 # Display formats by column: the figures' own precision, never more.
 _SPECIAL = {"final lr": "{:.2e}", "max abs error": "{:.2e}", "limit": "{:.1e}"}
 _INTEGER = {"last iteration", "best at iteration", "B", "H", "N", "D", "C"}
-_VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb"}
+_VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb",
+                   "no verdict": "#e9ecef"}
 
 
 @dataclass
@@ -59,7 +60,7 @@ def markdown(title: str, header: list[str], sections: list[Section], notes: list
 
 
 def _colour_verdict(value: str) -> str:
-    colour = _VERDICT_COLOUR.get(value.split(":")[0])
+    colour = _VERDICT_COLOUR.get(value.split(":")[0].split(" (")[0])
     return f"background-color: {colour}" if colour else ""
 
 
@@ -73,10 +74,13 @@ def _styled(df: pd.DataFrame, uid: str) -> str:
     return styler.to_html()
 
 
+# Every table fits the page: long text (paths, protocols, error lines) wraps anywhere rather than
+# widening its column past the viewport; the views keep few enough columns that figures stay whole.
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1600px; }
+table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; max-width: 100%; }
+table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right;
+  overflow-wrap: anywhere; vertical-align: top; }
 table.report th { background: #f2f2f2; }
 table.report td:first-child, table.report th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }

@@ -16,23 +16,13 @@ from harness.data.synth import METADATA_FILE, synthesize
 BASE = "ADEChallengeData2016"
 
 
-def official_layout(root, count=ADE20K_VAL_IMAGES):
-    """The official validation names with a few bytes each (the content is not what is checked)."""
-    for kind, ext in (("images", "jpg"), ("annotations", "png")):
-        d = root / BASE / kind / "validation"
-        d.mkdir(parents=True)
-        for i in range(1, count + 1):
-            (d / f"ADE_val_{i:08d}.{ext}").write_bytes(f"{kind}{i}".encode())
-    return root / BASE
-
-
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGREPRO_CACHE", str(tmp_path / "cache"))
 
 
-def test_the_official_split_is_verified_by_the_record_of_the_official_archive(tmp_path):
-    base = official_layout(tmp_path)
+def test_the_official_split_is_verified_by_the_record_of_the_official_archive(tmp_path, official_val_layout):
+    base = official_val_layout(tmp_path)
     kind, note = val_data(tmp_path)
     assert kind == contract.VAL_UNVERIFIED and DOWNLOAD_RECORD in note  # names and count alone: not verified
     write_download_record(base, OFFICIAL_SHA1, "http://example/ADEChallengeData2016.zip")
@@ -43,14 +33,14 @@ def test_the_official_split_is_verified_by_the_record_of_the_official_archive(tm
     assert kind == contract.VAL_UNVERIFIED and "changed since" in note
 
 
-def test_another_archive_or_missing_names_are_not_the_official_split(tmp_path):
-    base = official_layout(tmp_path / "a")
+def test_another_archive_or_missing_names_are_not_the_official_split(tmp_path, official_val_layout):
+    base = official_val_layout(tmp_path / "a")
     write_download_record(base, "0" * 40, "http://example/other.zip")
     kind, note = val_data(base)
     assert kind == contract.VAL_UNVERIFIED and "0" * 40 in note
     (base / "images" / "validation" / "ADE_val_00002000.jpg").unlink()
     assert val_data(base)[0] == contract.VAL_OTHER
-    assert val_data(official_layout(tmp_path / "b", count=50))[0] == contract.VAL_OTHER
+    assert val_data(official_val_layout(tmp_path / "b", count=50))[0] == contract.VAL_OTHER
 
 
 def test_generated_data_is_never_real_whatever_its_names_and_record(tmp_path):
