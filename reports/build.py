@@ -55,9 +55,9 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
     check_run = c.kernel_check["run_id"].iloc[0] if not c.kernel_check.empty else None
     bench_protocols = tables.documented_bench_protocols(c)
     verdict_rule = (f"Δ = segrepro − the documented figure named in 'vs' (the source the run's recipe follows, else "
-                    f"the reference implementation, else PaddleViT). Verdict: reproduced when |Δ| ≤ {tolerance:g} mIoU "
-                    f"(the documented run-to-run spread), else below or above; given only for a run on the official "
-                    f"ADE20K validation split, verified, at its recipe's full protocol (whatever its profile is "
+                    f"the reference implementation, else PaddleViT). Verdict: reproduced when |Δ| ≤ {tolerance:g} "
+                    f"mIoU (the documented run-to-run spread), else below or above; given only for a run on the "
+                    f"official ADE20K validation split, verified, at its recipe's full protocol (whatever its profile is "
                     f"called): other runs show their figure with 'no verdict' and why (see 'Runs').")
 
     sections = [
@@ -149,7 +149,8 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
             "miou": _records(miou), "throughput": _records(throughput), "training_benchmark": _records(training),
             "kernels": _records(kernels),
             "kernel_check": _records(check), "curves": _records(curves),
-            "released": _records(tables.released_view(c)), "documented_speed": _records(tables.documented_speed_view(c)),
+            "released": _records(tables.released_view(c)),
+            "documented_speed": _records(tables.documented_speed_view(c)),
             "notes": c.notes}
 
 

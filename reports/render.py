@@ -64,6 +64,14 @@ def _colour_verdict(value: str) -> str:
     return f"background-color: {colour}" if colour else ""
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == "–"
+    return True
+
+
 def _styled(df: pd.DataFrame, uid: str) -> str:
     shown = display(df)
     styler = shown.style.hide(axis="index").set_table_attributes('class="report"')
@@ -71,16 +79,25 @@ def _styled(df: pd.DataFrame, uid: str) -> str:
     marked = [c for c in shown.columns if c.startswith("verdict") or c == "status"]
     if marked:
         styler = styler.map(_colour_verdict, subset=marked)
+    # Text reads left-aligned, figures right-aligned. A column holding a long unbroken token (a
+    # path, a hash) may break it anywhere; any other keeps its words whole, so the table fits
+    # the page without splitting a figure or a name.
+    text = [c for c in shown.columns if not shown[c].map(_is_number).all()]
+    if text:
+        styler = styler.set_properties(subset=text, **{"text-align": "left"})
+    unbroken = [c for c in shown.columns if shown[c].map(lambda v: max(map(len, v.split()), default=0)).max() > 24]
+    if unbroken:
+        styler = styler.set_properties(subset=unbroken, **{"overflow-wrap": "anywhere", "min-width": "10em"})
     return styler.to_html()
 
 
-# Every table fits the page: long text (paths, protocols, error lines) wraps anywhere rather than
-# widening its column past the viewport; the views keep few enough columns that figures stay whole.
+# Every table fits the page: its text wraps (see _styled) and the views keep few enough columns
+# that figures stay whole.
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1600px; }
 table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; max-width: 100%; }
 table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right;
-  overflow-wrap: anywhere; vertical-align: top; }
+  vertical-align: top; }
 table.report th { background: #f2f2f2; }
 table.report td:first-child, table.report th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }

@@ -257,7 +257,8 @@ def throughput_view(c: Collected) -> pd.DataFrame:
         b = run["bench"]
         gap = like_for_like(b, b["size"], _full(run, "eval.window"), protocol)
         rows.append({"config": run["config"], "profile": run["profile"], **{k: b[k] for k in SETTINGS},
-                     "image": b["size"], **values, "reference params M": doc.get((run["config"], "reference", "params")),
+                     "image": b["size"], **values,
+                     "reference params M": doc.get((run["config"], "reference", "params")),
                      "MMSeg fps": None if gap else doc.get((run["config"], "mmseg", "fps")),
                      "vs MMSeg fps": f"not comparable: {gap}" if gap else "same protocol", "run_id": run["run_id"]})
     cols = (["config", "profile", *SETTINGS, "image"] + [label for _, label in BENCH_COLUMNS]

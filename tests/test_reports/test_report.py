@@ -27,7 +27,8 @@ def by_config(rows: list[dict], profile: str = "full") -> dict[str, dict]:
     return {r["config"]: r for r in rows if r["profile"] in (profile, "")}
 
 
-MIOU_SS, MIOU_MSFLIP = "mIoU single-scale: documented vs reproduced", "mIoU multi-scale + flip: documented vs reproduced"
+MIOU_SS = "mIoU single-scale: documented vs reproduced"
+MIOU_MSFLIP = "mIoU multi-scale + flip: documented vs reproduced"
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +356,8 @@ def test_no_runs_is_a_documented_only_report(store, tmp_path):
     # Partial data is normal: a store without the experiment still gives the documented table.
     result = build.build_report(store.uri, tmp_path, experiment_name="absent")
     assert {r["verdict ss"] for r in result["miou"]} == {"not run", "no configuration"}
-    assert result["tables"] == ["Summary", MIOU_SS, MIOU_MSFLIP, "Documented sources", "Documented speed, size and memory"]
+    assert result["tables"] == ["Summary", MIOU_SS, MIOU_MSFLIP, "Documented sources",
+                                "Documented speed, size and memory"]
     assert result["images"] == ["miou"]
     assert any("absent" in n for n in result["notes"])
     text = (tmp_path / "report.md").read_text()
