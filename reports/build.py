@@ -42,7 +42,7 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
                           f"a whole: give a new or empty one with --out")
     c = collect(tracking_uri, experiment_name)
     miou = tables.miou_view(c, tolerance)
-    groups = tables.summary(miou, tolerance)
+    groups = tables.summary(miou)
     throughput = tables.throughput_view(c)
     training = tables.train_bench_view(c)
     kernels = tables.kernels_view(c)
@@ -57,8 +57,8 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
     verdict_rule = (f"Δ = segrepro − the documented figure named in 'vs' (the source the run's recipe follows, else "
                     f"the reference implementation, else PaddleViT). Verdict: reproduced when |Δ| ≤ {tolerance:g} "
                     f"mIoU (the documented run-to-run spread), else below or above; given only for a run on the "
-                    f"official ADE20K validation split, verified, at its recipe's full protocol (whatever its profile is "
-                    f"called): other runs show their figure with 'no verdict' and why (see 'Runs').")
+                    f"official ADE20K validation split, verified, at its recipe's full protocol (whatever its profile "
+                    f"is called): other runs show their figure with 'no verdict' and why (see 'Runs').")
 
     sections = [
         render.Section(

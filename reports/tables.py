@@ -150,7 +150,7 @@ def miou_eval_view(miou: pd.DataFrame, name: str) -> pd.DataFrame:
 SUMMARY_ORDER = ("reproduced", "below", "above", "no verdict", "failed, stopped or running", "not run")
 
 
-def summary(miou: pd.DataFrame, tolerance: float = TOLERANCE) -> dict[str, dict[str, list[str]]]:
+def summary(miou: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
     """Per evaluation (ss, ms+flip): which configurations were reproduced within the tolerance,
     came out below or above, got no verdict (and why), failed or were not run. Documented rows
     without a configuration are left out."""
@@ -197,7 +197,6 @@ def data_view(c: Collected) -> pd.DataFrame:
                      "val fingerprint": fingerprint, "why": first["val_data_note"],
                      "runs": ", ".join(g["config"] + g["profile"].map(lambda p: "" if p == "full" else f" [{p}]"))})
     return pd.DataFrame(rows, columns=cols)
-
 
 
 BENCH_COLUMNS = [(contract.BENCH_IMAGES_PER_S, "images/s"), (contract.BENCH_LATENCY_MEDIAN_MS, "latency median ms"),
@@ -394,7 +393,8 @@ PROTOCOLS = ("reference", "mmseg", "paddlevit")
 def released_view(c: Collected) -> pd.DataFrame:
     """Each evaluated checkpoint (and mode): its source's documented figure for its configuration,
     its mIoU under its own protocol and under every protocol it was evaluated with (the newest
-    run each), and the difference own protocol − documented."""
+    run each), the data it was evaluated on, and the difference own protocol − documented (on the
+    verified ADE20K validation split only)."""
     ev = c.evals
     label = {p: f"under {SOURCE_LABEL.get(p, p)}" for p in PROTOCOLS}
     cols = (["checkpoint", "source", "config", "eval", "data", "documented", "own protocol", "under own"]
@@ -415,8 +415,10 @@ def released_view(c: Collected) -> pd.DataFrame:
                      "eval": "ss" if mode == "ss" else "ms+flip", "data": last["data"], "documented": documented_value,
                      "own protocol": source, "under own": own_value,
                      **{label[p]: (by_protocol[p].mIoU if p in by_protocol else None) for p in PROTOCOLS},
+                     # a difference to an ADE20K figure only for an evaluation on the verified ADE20K val split
                      "Δ own − documented": (own_value - documented_value
-                                            if own_value is not None and documented_value is not None else None),
+                                            if own_value is not None and documented_value is not None
+                                            and own.val_data == contract.VAL_ADE20K else None),
                      "protocol (own)": "" if own is None else own.protocol_text,
                      "run_id": last["run_id"] if own is None else own.run_id})
     return pd.DataFrame(rows, columns=cols)
