@@ -5,6 +5,9 @@ results.csv. Which documented figure a reproduced mIoU is compared with (the bas
 figure of the source the run's recipe follows (recipes are named after the sources), else the
 reference implementation's, else PaddleViT's. The zoo YAMLs are the reference recipe, so for
 a default run this is the reference figure; the view names the baseline in its "vs" columns.
+Whether a run gets a verdict at all: only on the verified ADE20K validation split at its recipe's
+full protocol (``no_verdict_reason``). Speed and memory sit beside a documented figure only when
+measured alike (``like_for_like``).
 """
 from __future__ import annotations
 
