@@ -197,20 +197,24 @@ class Tracker:
         held = self.client.get_run(run_id).data.metrics
         self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in held})
 
-    def log_dataset(self, run_id: str, root: str | Path, splits: dict[str, dict], context: str) -> None:
+    def log_dataset(self, run_id: str, root: str | Path, splits: dict[str, dict | str], context: str) -> None:
         """The dataset a run read: its root, each split's fingerprint and image count (``splits``:
-        ADE20K split -> its ``split_fingerprint`` record) and, with a validation split, what that
-        split is (``harness.data.fingerprint.val_data``) as tags; and each split as an MLflow
-        dataset input with ``context`` (e.g. training, eval), which the MLflow UI lists with the run."""
+        ADE20K split -> its ``split_fingerprint`` record, or the bare fingerprint where the caller
+        holds no more) and, with a validation split, what that split is
+        (``harness.data.fingerprint.val_data``) as tags; and each split as an MLflow dataset input
+        with ``context`` (e.g. training, eval), which the MLflow UI lists with the run."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         from harness.data.fingerprint import val_data
 
         root = str(Path(root).resolve())
+        splits = {split: r if isinstance(r, dict) else {"fingerprint": r} for split, r in splits.items()}
         tags = {DATA_ROOT: root}
         for split, record in splits.items():
-            tags.update({FINGERPRINT[split]: record["fingerprint"], SPLIT_IMAGES[split]: record["images"]})
+            tags[FINGERPRINT[split]] = record["fingerprint"]
+            if "images" in record:
+                tags[SPLIT_IMAGES[split]] = record["images"]
         if "validation" in splits:
             tags[VAL_DATA], tags[VAL_DATA_NOTE] = val_data(root, splits["validation"])
         self.set_tags(run_id, tags)
