@@ -10,7 +10,8 @@ table (``ss/mIoU`` -> ``miou_ss``) so one pivot sets them side by side; every ot
 keeps its MLflow name. Each run also carries the data it read (``data_identity``), how its logged
 settings differ from its recipe's full protocol (``protocol_gaps``) and its benchmarks' settings
 (``bench_settings``): what decides whether a figure may be set against a documented one. The
-store is opened only once it is known to be an MLflow store, so a report never creates one. This module reads MLflow, ``harness.contract`` and ``harness.config``.
+store is opened only once it is known to be an MLflow store, so a report never creates one.
+This module reads MLflow, ``harness.contract`` and ``harness.config``.
 """
 from __future__ import annotations
 
