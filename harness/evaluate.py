@@ -202,6 +202,7 @@ def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | Non
                                                ray_address, source_config)
     record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
     record["checkpoint"] = str(Path(checkpoint).resolve())
+    record["data_root"] = str(Path(data_root).resolve())  # the writer records which data this was
     if out_dir is not None:
         write_result(out_dir, record)
     return record

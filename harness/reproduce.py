@@ -243,9 +243,7 @@ class Reproduction:
             self.board.update(name, text)
 
         try:
-            self.tracker.log_dataset(run_id, self.opts.data_root,
-                                     {split: fp["fingerprint"] for split, fp in plan.fingerprints.items()},
-                                     context="training")
+            self.tracker.log_dataset(run_id, self.opts.data_root, plan.fingerprints, context="training")
             note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id}); encoder init: "
                  f"{self.init_notes[name]}; precision {cfg.optim.amp}; training identity {plan.training_id}")
             interrupt.check()

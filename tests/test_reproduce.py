@@ -89,6 +89,7 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
     assert second.info.status == "FINISHED"
     client, (child2,) = _runs(uri)
     assert child2.info.run_id == child.info.run_id  # the interrupted run continued, curves and all
+    assert (child2.data.tags["segrepro.val_data"], child2.data.tags["segrepro.val_images"]) == ("generated", "2")
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
     assert max(steps) == 120
     # resumed from a checkpoint, not from zero: the first logged iteration appears once

@@ -242,9 +242,9 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
     from harness.raylib import ensure_ray
     from harness.stages import policy
 
-    fingerprint = split_fingerprint(data_root, "training")["fingerprint"]  # cached: train() computed it
+    fingerprint = split_fingerprint(data_root, "training")  # cached: train() computed it
     tracking, owns_run = train_run(cfg, run_dir, tracking_uri, mlflow_run_id, data_root, fingerprint,
-                                   training_id(cfg, fingerprint))
+                                   training_id(cfg, fingerprint["fingerprint"]))
 
     ensure_ray(address)
     queue = Queue(actor_options={"num_cpus": 0})

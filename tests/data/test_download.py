@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import io
+import json
 import re
 import socket
 import threading
@@ -14,6 +15,7 @@ from harness import cli
 from harness.data import download as dl
 from harness.data.check import check_dataset
 from harness.data.download import ARCHIVE_NAME, METADATA_FILES, DownloadError, download
+from harness.data.fingerprint import DOWNLOAD_RECORD
 from harness.data.synth import METADATA_FILE
 
 BASE = "ADEChallengeData2016"
@@ -110,7 +112,9 @@ def test_good_archive(tmp_path, server, archive):
     out = fetch(tmp_path, server, sha1(archive))
     assert out == tmp_path / BASE
     assert check_dataset(out, progress=False) == []
-    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images"]  # metadata files skipped
+    # the archive's metadata files skipped; the record of the archive it came from written
+    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images", DOWNLOAD_RECORD]
+    assert json.loads((out / DOWNLOAD_RECORD).read_text())["archive_sha1"] == sha1(archive)
     assert leftovers(tmp_path) == [BASE]  # no .part, no zip, no temp dir
     assert server.ranges == [None]
     # Already complete: nothing is fetched again; the dataset dir itself is accepted as root.
