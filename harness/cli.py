@@ -97,8 +97,8 @@ def _config_of(ckpt_cfg, config: str | None, recipe: str | None, profile: str | 
         if not (recipe or profile or overrides):
             return ckpt_cfg
         if not ours:
-            raise InputError(f"--recipe and --profile need CONFIG with a {ckpt_cfg.source} checkpoint; without "
-                             f"one the checkpoint's own config is used (see --protocol)")
+            raise InputError(f"--recipe and --profile need CONFIG with a {ckpt_cfg.source} checkpoint, which "
+                             f"carries its source's own config and protocol (eval: see also --protocol)")
     if ours:
         recipe, profile = recipe or ckpt_cfg.recipe, profile or ckpt_cfg.profile
     return load_config(config or ckpt_cfg.name, recipe=recipe, profile=profile, overrides=overrides)

@@ -179,9 +179,12 @@ class StatusBoard:
             self._redraw()
             return
         row, now = self.rows[name], time.monotonic()
-        if not stage_or_note and row.done != row.total and now - row.printed < self.PRINT_INTERVAL_S:
-            return
-        row.printed = now
+        if not stage_or_note:
+            if row.done != row.total and now - row.printed < self.PRINT_INTERVAL_S:
+                return
+            row.printed = now
+        else:
+            row.printed = 0.0  # a stage's first count prints at once
         self.stream.write(f"{name:<{self.width}}  {self.line(name)}\n")
         self.stream.flush()
 
