@@ -129,6 +129,7 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env, resumed):
 def test_a_run_is_listed_and_its_run_dir_evaluates_and_benchmarks_as_reproduce_did(env, resumed, segrepro,
                                                                                    monkeypatch, tmp_path):
     monkeypatch.setenv("SEGREPRO_EXPERIMENTS", env["env"]["SEGREPRO_EXPERIMENTS"])
+    assert resumed["rerun"].returncode == 0, resumed["rerun"].stderr[-3000:]
     (work,) = resumed["run_dir"].glob("configs/tiny_test-*")
     ss = json.loads((work / "ss_metrics.json").read_text())
     bench = json.loads((work / "bench.json").read_text())
