@@ -11,6 +11,7 @@ a context on the GPU, summed up in a verdict (``concurrent_load``: "none detecte
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import statistics
@@ -43,10 +44,13 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def time_runs(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` runs after ``warmup`` discarded ones."""
+def time_runs(fn, device: torch.device, warmup: int, repeats: int, on_run=None) -> list[float]:
+    """Seconds of each of ``repeats`` runs after ``warmup`` discarded ones; ``on_run()`` after
+    every run, warm-up included (progress)."""
     for _ in range(warmup):
         fn()
+        if on_run:
+            on_run()
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -54,6 +58,8 @@ def time_runs(fn, device: torch.device, warmup: int, repeats: int) -> list[float
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+        if on_run:
+            on_run()
     return times
 
 
@@ -158,7 +164,8 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, image_size: int | None = None,
               precision: str = "fp32", attention: str | None = None, warmup: int = 5, repeats: int = 30,
-              slide_repeats: int | None = None, device: str | None = None) -> dict:
+              slide_repeats: int | None = None, device: str | None = None, on_run=None) -> dict:
+    """``on_run(done, total)`` after every timed or warm-up run (progress)."""
     device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     overrides = {"attention": attention, "mask_step": attention} if attention else {}
     if checkpoint:
@@ -176,11 +183,14 @@ def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, i
     # an ADE20K-sized image at the test scale (ADE20K images are mostly 4:3 landscape)
     ade = torch.randn(1, 3, cfg.data.test_scale, round(cfg.data.test_scale * 4 / 3), device=device_t)
 
+    slide_warmup, slide_repeats = min(warmup, 2), slide_repeats or max(repeats // 5, 3)
+    total, done = warmup + repeats + slide_warmup + slide_repeats, itertools.count(1)
+    step = (lambda: on_run(next(done), total)) if on_run else None
     with torch.no_grad(), _autocast(device_t, precision), concurrent_load(device_t) as load:
-        forward = time_runs(lambda: model(x), device_t, warmup, repeats)
+        forward = time_runs(lambda: model(x), device_t, warmup, repeats, step)
         slide = time_runs(lambda: slide_inference(model, [ade], [False], tuple(ade.shape[-2:]), cfg.eval.window,
                                                   cfg.eval.stride, cfg.eval.batch_size, cfg.eval.small_views),
-                          device_t, min(warmup, 2), slide_repeats or max(repeats // 5, 3))
+                          device_t, slide_warmup, slide_repeats, step)
     memory, memory_kind = peak_memory_mb(device_t)
     flops = count_flops(model, x[:1])
     median = statistics.median(forward)

@@ -47,6 +47,40 @@ def _read_image(path: Path):
         raise InputError(f"{path}: not a readable image ({e})") from None
 
 
+def _checkpoint_of(path: str) -> tuple[str, str | None]:
+    """(the checkpoint file ``--checkpoint`` names, the data its run trained on): a reproduce
+    configuration's run directory (RUN/configs/NAME-ID), a ``segrepro train`` run directory, or
+    a checkpoint inside one, named on stderr; any other path as it is."""
+    from harness.runs import run_checkpoint
+
+    found = run_checkpoint(path)
+    if found is None:
+        return path, None
+    print(found.describe(), file=sys.stderr)
+    return str(found.checkpoint), found.data_root
+
+
+def _config_of(ckpt_cfg, config: str | None, recipe: str | None, profile: str | None, overrides=None):
+    """The config a command uses with a checkpoint: CONFIG, or the checkpoint's own. A segrepro
+    checkpoint carries the resolved config of its run: used as it is unless CONFIG, --recipe or
+    --profile says otherwise, and its recipe and profile stay where they are not given. A
+    source's checkpoint (reference, MMSeg, PaddleViT) takes --recipe and --profile with CONFIG."""
+    from harness.config import load_config
+
+    ours = ckpt_cfg is not None and ckpt_cfg.source == "segrepro"
+    if config is None:
+        if ckpt_cfg is None:
+            raise InputError("give CONFIG or --checkpoint")
+        if not (recipe or profile or overrides):
+            return ckpt_cfg
+        if not ours:
+            raise InputError(f"--recipe and --profile need CONFIG with a {ckpt_cfg.source} checkpoint, which "
+                             f"carries its source's own config and protocol (eval: see also --protocol)")
+    if ours:
+        recipe, profile = recipe or ckpt_cfg.recipe, profile or ckpt_cfg.profile
+    return load_config(config or ckpt_cfg.name, recipe=recipe, profile=profile, overrides=overrides)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -59,7 +93,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     image = _read_image(Path(args.image))
     overrides = {"attention": args.attention, "mask_step": args.attention} if args.attention else {}
-    model, cfg = load_checkpoint(args.checkpoint, **overrides)
+    checkpoint, _ = _checkpoint_of(args.checkpoint)
+    model, cfg = load_checkpoint(checkpoint, **overrides)
+    cfg = _config_of(cfg, None, args.recipe, args.profile)
     e = cfg.eval
     scales, flip = (e.scales, e.flip) if args.ms_flip else ((1.0,), False)
     # the checkpoint source's own protocol: its evaluation normalisation and test resize
@@ -82,32 +118,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from harness.config import apply_protocol, load_config
+    from harness.config import apply_protocol
     from harness.evaluate import Protocol, run_eval
     from harness.models import load_checkpoint
 
     for flag, value in (("--limit", args.limit), ("--workers", args.workers)):
         if value is not None and value < 1:
             raise InputError(f"{flag} {value}: must be at least 1")
-    if not Path(args.data_root).exists():
-        raise InputError(f"--data-root {args.data_root}: no such directory")
+    checkpoint, trained_on = _checkpoint_of(args.checkpoint)
+    data_root = args.data_root or trained_on
+    if data_root is None:
+        raise InputError("--data-root is needed (only a finished training's run directory tells its data)")
+    if not Path(data_root).exists():
+        raise InputError(f"--data-root {data_root}: no such directory")
     # the checkpoint's own config names its source and carries that source's protocol
-    _, ckpt_cfg = load_checkpoint(args.checkpoint, args.source_config)
-    if args.config:
-        cfg = load_config(args.config, recipe=args.recipe, overrides=_attention_overrides(args))
-        cfg = dataclasses.replace(cfg, source=ckpt_cfg.source)
-    else:
-        if args.recipe:
-            raise InputError("--recipe needs CONFIG; without one the checkpoint's own config is used (see --protocol)")
-        cfg = ckpt_cfg
-        if args.attention:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=args.attention,
-                                                                      mask_step=args.attention))
+    _, ckpt_cfg = load_checkpoint(checkpoint, args.source_config)
+    cfg = _config_of(ckpt_cfg, args.config, args.recipe, args.profile,
+                     _attention_overrides(args) if args.config else None)
+    cfg = dataclasses.replace(cfg, source=ckpt_cfg.source)
+    if args.attention and not args.config:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=args.attention,
+                                                                  mask_step=args.attention))
     if args.protocol:
         cfg = apply_protocol(cfg, args.protocol)
     protocol = Protocol.of(cfg, args.ms_flip)
     if not args.json:
-        print(f"{cfg.name} ({cfg.source} checkpoint) {protocol.describe()}", file=sys.stderr)
+        print(f"{cfg.name} ({cfg.source} checkpoint; {cfg.recipe} recipe, {cfg.profile} profile) "
+              f"{protocol.describe()}", file=sys.stderr)
     out = args.out or Path("runs") / "eval" / f"{cfg.name}-{cfg.eval.protocol}"
     tracker = None
     if args.run_dir or args.tracking_uri:
@@ -115,7 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         tracker = Tracker(args.tracking_uri or default_tracking_uri(args.run_dir), args.run_dir)
     try:
-        record = run_eval(args.checkpoint, cfg, args.data_root, args.ms_flip, args.limit, args.workers, out,
+        record = run_eval(checkpoint, cfg, data_root, args.ms_flip, args.limit, args.workers, out,
                           progress=not args.json, source_config=args.source_config)
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, InputError):
@@ -139,11 +176,18 @@ def _attention_overrides(args: argparse.Namespace) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.benchmark import benchmark, format_result
-    from harness.config import load_config
+    from harness.models import load_checkpoint
 
-    cfg = load_config(args.config, recipe=args.recipe)
-    result = benchmark(cfg, args.checkpoint, args.batch_size, args.image_size, args.precision, args.attention,
-                       args.warmup, args.repeats)
+    checkpoint, ckpt_cfg = args.checkpoint, None
+    if checkpoint:
+        checkpoint, _ = _checkpoint_of(checkpoint)
+        ckpt_cfg = load_checkpoint(checkpoint)[1]
+    cfg = _config_of(ckpt_cfg, args.config, args.recipe, args.profile)
+    b = cfg.bench  # the run's benchmark protocol where an option does not say otherwise
+    result = benchmark(cfg, checkpoint, args.batch_size or b.batch_size, args.image_size,
+                       args.precision or b.precision, args.attention,
+                       b.warmup if args.warmup is None else args.warmup,
+                       b.repeats if args.repeats is None else args.repeats)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
 
@@ -177,6 +221,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        from harness.reproduce import format_outcomes
+
+        print(format_outcomes(outcomes))
         counts = {s: sum(o["status"] == s for o in outcomes) for s in ("finished", "skipped", "failed")}
         print(f"reproduce: {counts['finished']} finished, {counts['skipped']} skipped, {counts['failed']} failed "
               f"in {seconds:.0f} s")
@@ -308,9 +355,13 @@ def _zoo_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_zoo)
 
 
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="reference run directory, its checkpoint.pth, or a segrepro checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a configuration's run directory (RUN/configs/NAME-ID: its "
+                   "config and protocol), a train run directory, a reference run directory, or a checkpoint.pth")
     p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--profile", help="run profile whose evaluation settings to use (default: the checkpoint's)")
+    p.add_argument("--recipe", help="named recipe whose evaluation settings to use (default: the checkpoint's)")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip views (the config's scales)")
     p.add_argument("--out", required=True, help="output mask PNG, coloured with the ADE20K palette")
     p.add_argument("--logits", help="also save the class probabilities [C, H, W] as float32 .npy")
@@ -321,14 +372,18 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="zoo configuration name or YAML path whose evaluation protocol to use "
                                              "(default: the checkpoint's own config and its source's protocol)")
-    p.add_argument("--checkpoint", required=True, help="reference run directory or checkpoint.pth, a segrepro "
-                   "checkpoint, an MMSeg .pth (dumped .py config beside it) or a PaddleViT .pdparams (yaml beside it)")
+    p.add_argument("--checkpoint", required=True, help="a configuration's run directory (RUN/configs/NAME-ID: its "
+                   "config, protocol and data), a train run directory, a reference run directory or checkpoint.pth, "
+                   "a segrepro checkpoint, an MMSeg .pth (dumped .py config beside it) or a PaddleViT .pdparams "
+                   "(yaml beside it)")
     p.add_argument("--source-config", help="the MMSeg .py config or PaddleViT yaml of the checkpoint, when not beside it")
     p.add_argument("--protocol", help="evaluate under this source's protocol: a recipe name (reference, mmseg, "
                                       "paddlevit); default: the checkpoint source's own")
-    p.add_argument("--data-root", required=True, help="directory holding ADEChallengeData2016 (or that directory)")
+    p.add_argument("--data-root", help="directory holding ADEChallengeData2016 (or that directory); default: the "
+                                       "data a run directory given as --checkpoint was trained on")
     p.add_argument("--ms-flip", action="store_true", help="multi-scale + flip (the config's scales)")
-    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit), with CONFIG")
+    p.add_argument("--recipe", help="named recipe (reference, mmseg, paddlevit); default: a segrepro checkpoint's own")
+    p.add_argument("--profile", help="run profile (full, smoke); default: a segrepro checkpoint's own")
     p.add_argument("--run-dir", help="also log the result to the MLflow store RUN_DIR/mlflow.db (segrepro report reads it)")
     p.add_argument("--tracking-uri", help="also log the result to this MLflow store")
     p.add_argument("--limit", type=int, help="only the first N validation images")
@@ -339,16 +394,19 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="zoo configuration name or YAML path")
-    p.add_argument("--checkpoint", help="weights to time (default: freshly initialised; speed does not depend on them)")
-    p.add_argument("--recipe", help="named recipe")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("config", nargs="?", help="zoo configuration name or YAML path (default: the checkpoint's)")
+    p.add_argument("--checkpoint", help="weights to time, or a configuration's run directory (RUN/configs/NAME-ID: "
+                   "its config and benchmark settings); default: freshly initialised (speed does not depend on them)")
+    p.add_argument("--recipe", help="named recipe (default: a segrepro checkpoint's own)")
+    p.add_argument("--profile", help="run profile (default: a segrepro checkpoint's own)")
+    p.add_argument("--batch-size", type=int, help="default: the config's bench.batch_size")
     p.add_argument("--image-size", type=int, help="square input size of the forward timing (default: the window)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the config's bench.precision")
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, help="default: the config's bench.warmup")
+    p.add_argument("--repeats", type=int, help="default: the config's bench.repeats")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -360,8 +418,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=train.run)
 
 
+def _runs_arguments(p: argparse.ArgumentParser) -> None:
+    from harness.runs import DEFAULT_RUN_DIR, cmd_runs
+
+    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"the run directory (default {DEFAULT_RUN_DIR})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_runs)
+
+
 def _reproduce_arguments(p: argparse.ArgumentParser) -> None:
     from harness.preflight import MEASURED_ITERATIONS
+    from harness.runs import DEFAULT_RUN_DIR
     from harness.train import command as train
 
     p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")
@@ -370,7 +437,7 @@ def _reproduce_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, help="directory holding ADEChallengeData2016 (or that directory)")
     p.add_argument("--address", help="Ray cluster to join (default: start an embedded local Ray)")
     p.add_argument("--tracking-uri", help="MLflow store (default: sqlite:///RUN_DIR/mlflow.db)")
-    p.add_argument("--run-dir", default="runs/reproduce", help="checkpoints, results, the MLflow store and the report")
+    p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="checkpoints, results, the MLflow store and the report")
     p.add_argument("--workers", type=int, default=1, help="training workers (DDP ranks) per configuration")
     p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per training worker")
     train.add_init_arguments(p)
@@ -434,6 +501,7 @@ COMMANDS = (
     ("bench", "throughput, latency, FLOPs, parameters and peak memory of a zoo model", _bench_arguments),
     ("train", "train one configuration with Ray Train (DDP, checkpoints, resume)", _train_arguments),
     ("reproduce", "every configuration: train, eval ss and ms+flip, benchmark; then the report", _reproduce_arguments),
+    ("runs", "every configuration of a reproduce run directory: status, stage, checkpoint, figures", _runs_arguments),
     ("weights", "the ImageNet backbone checkpoints the zoo starts from", _weights_arguments),
     ("data", "ADE20K: download, check, generate, benchmark the pipeline", _data_arguments),
     ("report", "documented against reproduced: Markdown, HTML, CSV and plots from MLflow runs", _report_arguments),

@@ -27,6 +27,8 @@ from harness.metrics import ConfusionMatrix
 # dataset item -> predicted classes [H, W] scored against the item's label, or (classes, the
 # label they are scored against) where the protocol scores at another resolution
 Predictor = Callable[[dict], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+# called with (images done, images in all) after every image
+OnImage = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol,
 
 
 def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150, limit: int | None = None,
-                     progress: bool = True, desc: str = "eval") -> ConfusionMatrix:
+                     progress: bool = True, desc: str = "eval", on_image: OnImage | None = None) -> ConfusionMatrix:
     """Accumulate one confusion matrix over (the first ``limit`` items of) ``dataset``."""
     cm = ConfusionMatrix(num_classes)
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -107,6 +109,8 @@ def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150
         out = predict(item)
         pred, label = out if isinstance(out, tuple) else (out, torch.from_numpy(item["label"]))
         cm.update(pred, label)
+        if on_image is not None:
+            on_image(i + 1, n)
     return cm
 
 
@@ -125,10 +129,11 @@ def all_reduce_confusion(cm: ConfusionMatrix) -> ConfusionMatrix:
 def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: str | os.PathLike,
                         ms_flip: bool = False, limit: int | None = None, workers: int = 1,
                         progress: bool = True, ray_address: str | None = None,
-                        source_config: str | os.PathLike | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
+                        source_config: str | os.PathLike | None = None,
+                        on_image: OnImage | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
     """Evaluate a checkpoint (any format ``load_checkpoint`` reads; ``source_config`` for an
     MMSeg or PaddleViT one whose config is elsewhere) on the validation split of ``data_root``
-    with ``cfg``'s protocol.
+    with ``cfg``'s protocol; ``on_image`` follows a single-process evaluation image by image.
 
     ``workers > 1`` shards the split over Ray tasks (``harness.stages``: one evaluation's
     resources each), each accumulating its own matrix; the matrices are merged once.
@@ -138,8 +143,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     dataset = dataset if limit is None else dataset.head(limit)
     source_config = None if source_config is None else str(source_config)
     if workers <= 1:
-        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config), protocol,
-                len(dataset))
+        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config, on_image),
+                protocol, len(dataset))
     from harness.raylib import ensure_ray
     from harness.stages import run_eval_shards
 
@@ -152,7 +157,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
 
 
 def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20K,
-                    progress: bool, source_config: str | None = None) -> ConfusionMatrix:
+                    progress: bool, source_config: str | None = None,
+                    on_image: OnImage | None = None) -> ConfusionMatrix:
     from harness.models import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,7 +167,8 @@ def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: A
     model.to(device)
     # the protocol's normalisation rule is resolved for the checkpoint's own model
     predict = model_predictor(model, ckpt_cfg, protocol, device)
-    return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode)
+    return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode,
+                            on_image=on_image)
 
 
 def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: int, seconds: float) -> dict:
@@ -196,10 +203,11 @@ def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
 
 
 def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | None, workers: int,
-             out_dir, progress: bool = True, ray_address: str | None = None, source_config=None) -> dict:
+             out_dir, progress: bool = True, ray_address: str | None = None, source_config=None,
+             on_image: OnImage | None = None) -> dict:
     start = time.perf_counter()
     cm, protocol, images = evaluate_checkpoint(checkpoint, cfg, data_root, ms_flip, limit, workers, progress,
-                                               ray_address, source_config)
+                                               ray_address, source_config, on_image)
     record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
     record["checkpoint"] = str(Path(checkpoint).resolve())
     record["data_root"] = str(Path(data_root).resolve())  # the writer records which data this was
