@@ -32,7 +32,7 @@ from harness.identity import training_id, training_settings
 from harness.lock import RunLock
 from harness.tracking import end_train_run, train_run
 from harness.train.checkpoint import MODEL_FILE, Saved, Unusable, check_resumable, newest, verify
-from harness.train.loop import Progress, format_progress, ray_worker
+from harness.train.loop import PLACEMENT_GROUP, Progress, format_progress, ray_worker
 from harness.train.session import Hook
 
 
@@ -90,6 +90,24 @@ def _drain(queue, stop: threading.Event, callback: Progress) -> None:
             if interrupt.requested():  # Ctrl-C stopped Ray, the queue's actor with it
                 return
             raise
+
+
+def release_placement_groups(ids: Sequence[str]) -> None:
+    """Remove the workers' placement groups that outlived their fit.
+
+    Ray Train removes them when a run ends, except where its controller itself failed (a worker
+    killed by Ray's memory monitor, say); its safety net, the PlacementGroupCleaner, asks the
+    state API, which needs the dashboard that segrepro's embedded Ray does not run. A group left
+    behind holds its CPUs for good, and the benchmark, which waits for a free node, waits forever."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    if not ray.is_initialized():  # Ctrl-C stopped Ray, and its groups with it
+        return
+    for hex_id in ids:
+        group = PlacementGroup(ray.PlacementGroupID.from_hex(hex_id))
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
 
 
 def _print_progress(record: dict) -> None:
@@ -249,7 +267,15 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
     ensure_ray(address)
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
-    drainer = threading.Thread(target=_drain, args=(queue, stop, progress), daemon=True)
+    placement_groups: list[str] = []
+
+    def receive(record: dict) -> None:
+        if PLACEMENT_GROUP in record:
+            placement_groups.append(record[PLACEMENT_GROUP])
+        else:
+            progress(record)
+
+    drainer = threading.Thread(target=_drain, args=(queue, stop, receive), daemon=True)
     drainer.start()
     use_gpu = gpus_per_worker > 0
     resources = policy(gpus_per_worker=gpus_per_worker).train.bundle()
@@ -282,6 +308,7 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
             end_train_run(tracking, error, killed=interrupt.requested(),
                           last_checkpoint=str(last.path / MODEL_FILE) if last else None)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
+        release_placement_groups(placement_groups)
     if data_error:
         raise DataError(_data_error_message(cfg, data_root, data_error))
     # Ray holds a checkpoint only where one was reported in this attempt; else it resumed at the end

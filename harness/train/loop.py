@@ -278,10 +278,19 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     return {"iterations": state.iteration, "start_iteration": start, "metrics": metrics, "val": state.val}
 
 
+# the one record rank 0 sends before any progress: the id of its worker group's placement group
+PLACEMENT_GROUP = "placement_group"
+
+
 def ray_worker(config: dict) -> dict:
+    import ray.util
+
     queue = config["queue"]
     session = RaySession(config["resume_from"], config["hooks"])
     progress = queue.put if session.rank == 0 else None
+    group = ray.util.get_current_placement_group()
+    if progress and group:  # so the driver can release the group should Ray Train leave it behind
+        progress({PLACEMENT_GROUP: group.id.hex()})
     try:
         return train_loop(config["cfg"], config["data_root"], session, backbone_weights=config["backbone_weights"],
                           tracking=config["tracking"], progress=progress)
