@@ -306,6 +306,15 @@ def cmd_kernels_profile(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_kernels_compile(args: argparse.Namespace) -> int:
+    from kernels import compile as kernels_compile
+
+    try:
+        return kernels_compile.run(args)
+    except kernels_compile.CompileError as e:
+        raise InputError(f"kernels compile: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segrepro", description=(
                                      "Reproduce, benchmark and profile the Segmenter ADE20K model zoo."))
@@ -421,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile.add_arguments(p)
     p.set_defaults(func=cmd_kernels_profile)
+    p = kern_sub.add_parser("compile", help="compile every kernel config for GPU targets (no GPU needed): "
+                                            "registers, spills, shared memory")
+    from kernels import compile as kernels_compile
+
+    kernels_compile.add_arguments(p)
+    p.set_defaults(func=cmd_kernels_compile)
     return parser
 
 
