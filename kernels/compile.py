@@ -13,6 +13,11 @@ of profiling kernels for a GPU the user may not have.
 - shared memory: Triton's own figure for the compiled kernel (its shared memory is dynamic, so
   cuobjdump shows 0).
 
+fp32 compiles with the tl.dot precision the kernels use in this process (IEEE under torch's
+default float32 matmul precision "highest", TF32 otherwise; kernels/_runtime.dot_precision).
+The mask step's vector-gradient kernel is compiled in its patch-side launch; the class-side
+launch reads dm transposed through its strides, with the same tiles.
+
 Triton decides at import time whether @triton.jit compiles or interprets, and a CPU process
 of this project interprets (kernels/__init__.py). The compilation therefore runs in worker
 processes started with TRITON_INTERPRET=0, in parallel; Triton's on-disk cache makes a repeated

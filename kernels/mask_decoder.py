@@ -67,6 +67,14 @@ _ROW_TUNING = _tuning(
     # C = 150 takes three class steps and D = 64 two D steps.
     interp=(32, 64, 32), dtype_arg="P",
 )
+# The backward row kernel keeps more tiles live per class block (m, xhat, dy, dm): its
+# 64-row config takes 8 warps, and it has no 128-row one (both spilled with the forward's).
+_BWD_ROW_TUNING = _tuning(
+    ("BLOCK_N", "BLOCK_C", "BLOCK_D"),
+    [(32, 64, 64, 4, 3), (64, 32, 128, 4, 3), (64, 64, 64, 8, 3)],
+    [(16, 32, 32, 4, 2), (32, 32, 32, 4, 2), (32, 32, 64, 8, 2)],
+    interp=(32, 64, 32), dtype_arg="P",
+)
 _GRAD_TUNING = _tuning(
     ("BLOCK_X", "BLOCK_Y", "BLOCK_D"),
     [(32, 32, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 64, 8, 3)],
@@ -74,7 +82,7 @@ _GRAD_TUNING = _tuning(
     interp=(32, 32, 64), dtype_arg="S",
 )
 # The row-block partial buffers are sized for the smallest row block any config may pick.
-_MIN_ROW_BLOCK = min(c.kwargs["BLOCK_N"] for c in _ROW_TUNING["configs"])
+_MIN_ROW_BLOCK = min(c.kwargs["BLOCK_N"] for c in _BWD_ROW_TUNING["configs"])
 _NORM_BLOCK_R, _NORM_BLOCK_D = 32, 64
 
 
@@ -179,7 +187,7 @@ def _mask_fwd_kernel(
     tl.store(RSTD + b * N + offs_n, rstd, mask=mask_n)
 
 
-@triton.autotune(**_ROW_TUNING, key=["N", "C", "D"],
+@triton.autotune(**_BWD_ROW_TUNING, key=["N", "C", "D"],
                  reset_to_zero=["DW_PART", "DB_PART", "S_PART"])
 @triton.jit
 def _mask_bwd_rows_kernel(
