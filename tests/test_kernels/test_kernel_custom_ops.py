@@ -1,4 +1,4 @@
-"""FlopCounterMode counts the Triton path exactly as the torch path.
+"""The kernels as torch.library custom ops: registrations, and FLOPs counted as the torch path.
 
 The kernels are torch.library custom ops with FLOP formulas, so a Segmenter model's FLOPs do
 not depend on which attention / mask-step implementation it runs. The model is counted on the
@@ -7,6 +7,7 @@ kernels count as torch's own ops doing the same work.
 """
 
 import dataclasses
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -68,3 +69,16 @@ def test_mask_step_counts_as_the_unfused_torch_sequence(device):
             F.normalize(p, dim=-1) @ F.normalize(c, dim=-1).transpose(1, 2), (19,), w, b), patches, classes)
 
     assert run(device, True) == run("meta", True) == run("meta", False) > 0
+
+
+def test_custom_ops_pass_opcheck(device):
+    # torch's own check of schema, autograd registration, fake tensors (meta device) and the
+    # AOT-dispatch path torch.compile takes; each op runs for real against its fake.
+    attention_mod, mask_mod = sys.modules["kernels.attention"], sys.modules["kernels.mask_decoder"]
+    q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(attention_mod._attention_fwd_op, (q, k, v, 0.25))
+    patches = torch.randn(1, 20, 32, device=device, requires_grad=True)
+    classes = torch.randn(1, 7, 32, device=device, requires_grad=True)
+    w = torch.ones(7, device=device, requires_grad=True)
+    b = torch.zeros(7, device=device, requires_grad=True)
+    torch.library.opcheck(mask_mod._mask_fwd_op, (patches, classes, w, b, 1e-5))
