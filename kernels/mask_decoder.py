@@ -209,12 +209,12 @@ def _mask_bwd_rows_kernel(
     p_norm = tl.load(PNORM + b * N + offs_n, mask=mask_n, other=1.0)
     mean = tl.load(MEAN + b * N + offs_n, mask=mask_n, other=0.0)
     rstd = tl.load(RSTD + b * N + offs_n, mask=mask_n, other=0.0)
-    part = (b * n_part_rows + pid_n) * C
 
     # Pass 1: the LayerNorm backward's row sums, and the per-block partials of dw and db.
     # Recomputes the product rather than keep a [B, N, C] fp32 copy from the forward.
     c1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     c2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    part = (b * n_part_rows + pid_n) * C  # this row block's partial sums
     for c0 in range(0, C, BLOCK_C):
         m, offs_c, mask_c, valid = _unit_product(
             P, Cls, CNORM, p_norm, offs_n, mask_n, c0, spn, spd, scc, scd, C, D,
