@@ -337,6 +337,15 @@ def cmd_kernels_profile(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_kernels_compile(args: argparse.Namespace) -> int:
+    from kernels import compile as kernels_compile
+
+    try:
+        return kernels_compile.run(args)
+    except kernels_compile.CompileError as e:
+        raise InputError(f"kernels compile: {e}") from None
+
+
 class _Version(argparse.Action):
     """``--version``: the git commit is looked up only when asked for."""
 
@@ -489,6 +498,12 @@ def _kernels_arguments(kern: argparse.ArgumentParser) -> None:
     p = kern_sub.add_parser("profile", help="time the kernels against PyTorch on this GPU (correctness check without one)")
     profile.add_arguments(p)
     p.set_defaults(func=cmd_kernels_profile)
+    p = kern_sub.add_parser("compile", help="compile every kernel config for GPU targets (no GPU needed): "
+                                            "registers, spills, shared memory")
+    from kernels import compile as kernels_compile
+
+    kernels_compile.add_arguments(p)
+    p.set_defaults(func=cmd_kernels_compile)
 
 
 # name, one-line help, the function that adds its arguments (called only for the chosen
