@@ -1,5 +1,7 @@
 """Throughput of a zoo model: forward images per second and latency, one full sliding-window
-evaluation of an ADE-sized image, FLOPs, parameters, peak memory, and the device facts.
+evaluation of an ADE-sized image, FLOPs, parameters, peak memory, and the device facts; and
+training throughput: iterations of the training loop's own step at the configuration's crop,
+per-worker batch and precision, their latency and the peak memory of training.
 
 Protocol as timm's ``benchmark.py`` and MMSegmentation's ``tools/analysis_tools/benchmark.py``:
 ``cudnn.benchmark`` on, warm-up runs discarded, every run timed on its own with the device
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.config import Config
+from harness.config import Config, InputError
 from harness.inference import slide_inference
 from harness.models import build_model, count_parameters, load_checkpoint
 from kernels.device import device_facts
@@ -212,6 +214,13 @@ def benchmark(cfg: Config, checkpoint: str | None = None, batch_size: int = 1, i
     }
 
 
+def _load_and_device_lines(r: dict) -> list[str]:
+    load = r["protocol"]["load"]
+    return [f"  concurrent load while timing: {r['protocol']['concurrent_load']} "
+            f"(1-min load average {load['loadavg_1m']:.2f})",
+            "  " + ", ".join(f"{k} {v}" for k, v in r["device_facts"].items() if v is not None)]
+
+
 def format_result(r: dict) -> str:
     p = r["protocol"]
     lines = [
@@ -224,8 +233,116 @@ def format_result(r: dict) -> str:
         f"peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']})",
         f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
         f"TF32 cudnn {p['tf32_cudnn']}, cudnn.benchmark {p['cudnn_benchmark']}, threads {p['threads']}",
-        f"  concurrent load while timing: {p['concurrent_load']} (1-min load average {p['load']['loadavg_1m']:.2f})",
     ]
-    facts = r["device_facts"]
-    lines.append("  " + ", ".join(f"{k} {v}" for k, v in facts.items() if v is not None))
-    return "\n".join(lines)
+    return "\n".join(lines + _load_and_device_lines(r))
+
+
+# ---------------------------------------------------------------- training
+
+TRAIN_DATA = "random tensors of the crop shape, already on the device (the loader: segrepro data bench)"
+TRAIN_STEP = "forward, loss, backward, optimizer and schedule step (harness.train.loop.train_step), synchronised"
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the CUDA allocator's, or this process's resident high-water mark (Linux
+    resets it to the current resident set; elsewhere the peak stays the process's lifetime one)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak_memory_since_reset(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return peak_memory_mb(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):  # in kB
+                    return int(line.split()[1]) / 1024, "process peak RSS while timing (VmHWM)"
+    return peak_memory_mb(device)
+
+
+def train_batch_size(cfg: Config, workers: int = 1) -> int:
+    """The per-worker batch of ``cfg`` trained by ``workers`` workers."""
+    if workers < 1 or cfg.optim.batch_size % workers:
+        raise InputError(f"--workers {workers}: must be a positive divisor of {cfg.name}'s global batch "
+                         f"optim.batch_size {cfg.optim.batch_size}")
+    return cfg.optim.batch_size // workers
+
+
+def train_step_fn(cfg: Config, device: torch.device, batch_size: int, seed: int = 0):
+    """``(step, training)``: ``step()`` runs one training iteration of ``cfg`` on one random
+    batch of ``batch_size`` crops, built as the training loop builds it (``build_training``)."""
+    from harness.train.loop import build_training, train_step
+
+    training = build_training(cfg, device)
+    training.model.train()
+    crop = cfg.data.crop_size
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"image": torch.randn(batch_size, 3, crop, crop, generator=gen).to(device),
+             "label": torch.randint(0, cfg.model.n_cls, (batch_size, crop, crop), generator=gen).to(device)}
+
+    def step() -> float:
+        return train_step(training.model, training.model, batch, training.optimizer, training.scheduler,
+                          training.scaler, training.amp, cfg, device)
+    return step, training
+
+
+def benchmark_train(cfg: Config, batch_size: int | None = None, workers: int = 1, warmup: int = 5,
+                    repeats: int = 30, device: str | None = None) -> dict:
+    """Training iterations of ``cfg`` at its crop, per-worker batch (``batch_size``, or the
+    global batch over ``workers``) and precision (``optim.amp``; CPUs train in fp32 as the loop
+    does): images/s, step latency and the peak memory of training, with the protocol."""
+    device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = batch_size or train_batch_size(cfg, workers)
+    step, training = train_step_fn(cfg, device_t, batch)
+    _sync(device_t)
+    _reset_peak_memory(device_t)
+    with concurrent_load(device_t) as load:
+        times = time_runs(step, device_t, warmup, repeats)
+    memory, memory_kind = _peak_memory_since_reset(device_t)
+    median = statistics.median(times)
+    protocol = {
+        "crop": cfg.data.crop_size, "batch_size": batch, "workers": workers,
+        "global_batch_size": cfg.optim.batch_size,
+        "precision": cfg.optim.amp if training.amp is not None else "fp32", "precision_configured": cfg.optim.amp,
+        "recipe": cfg.recipe, "optimizer": type(training.optimizer).__name__, "clip_grad": cfg.optim.clip_grad, "warmup": warmup, "repeats": repeats,
+        "step": TRAIN_STEP, "data": TRAIN_DATA,
+        "device": str(device_t),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device_t.type == "cuda" else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if device_t.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+        "load": load,
+        "concurrent_load": load_verdict(load),
+        "peak_memory_kind": memory_kind,
+    }
+    return {
+        "config": cfg.name,
+        "images_per_s": batch / median,
+        "step_median_ms": median * 1e3,
+        "step_p90_ms": _percentile(times, 90) * 1e3,
+        "peak_memory_mb": memory,
+        "peak_memory_kind": memory_kind,
+        "params_m": count_parameters(training.model) / 1e6,
+        "protocol": protocol,
+        "device_facts": device_facts(device_t.index or 0),
+    }
+
+
+def format_train_result(r: dict) -> str:
+    p = r["protocol"]
+    precision = p["precision"] + (f" (configured {p['precision_configured']})"
+                                  if p["precision"] != p["precision_configured"] else "")
+    lines = [
+        f"{r['config']} training: {r['images_per_s']:.2f} img/s, step median {r['step_median_ms']:.1f} ms, "
+        f"p90 {r['step_p90_ms']:.1f} ms (batch {p['batch_size']} per worker, crop {p['crop']}x{p['crop']}, "
+        f"{precision})",
+        f"  peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']}), {r['params_m']:.2f} M parameters",
+        f"  step: {p['step']}; data: {p['data']}",
+        f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
+        f"cudnn.benchmark {p['cudnn_benchmark']}, threads {p['threads']}",
+    ]
+    return "\n".join(lines + _load_and_device_lines(r))

@@ -158,13 +158,23 @@ def _attention_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.benchmark import benchmark, format_result
+    from harness.benchmark import benchmark, benchmark_train, format_result, format_train_result
     from harness.config import load_config
 
-    cfg = load_config(args.config, recipe=args.recipe)
-    result = benchmark(cfg, args.checkpoint, args.batch_size, args.image_size, args.precision, args.attention,
-                       args.warmup, args.repeats)
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    cfg = load_config(args.config, recipe=args.recipe, profile=args.profile,
+                      overrides={"optim": {"amp": args.amp}} if args.amp else None)
+    results, blocks = {}, []
+    if args.mode in ("inference", "both"):
+        results["inference"] = benchmark(cfg, args.checkpoint, args.batch_size, args.image_size, args.precision,
+                                         args.attention, args.warmup, args.repeats)
+        blocks.append(format_result(results["inference"]))
+    if args.mode in ("train", "both"):
+        results["train"] = benchmark_train(cfg, None, args.workers, args.warmup, args.repeats)
+        blocks.append(format_train_result(results["train"]))
+    if args.json:
+        print(json.dumps(results if args.mode == "both" else results[args.mode], indent=2))
+    else:
+        print("\n".join(blocks))
     return 0
 
 
@@ -349,7 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="zoo configuration name or YAML path")
     p.add_argument("--checkpoint", help="weights to time (default: freshly initialised; speed does not depend on them)")
     p.add_argument("--recipe", help="named recipe")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--profile", help="run profile (full, smoke, ...)")
+    p.add_argument("--mode", choices=["inference", "train", "both"], default="inference",
+                   help="time inference (forward and sliding window), training steps, or both")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train mode: the per-worker batch is the global optim.batch_size over this many workers")
+    p.add_argument("--amp", choices=["fp32", "fp16", "bf16"],
+                   help="train mode: training precision (default: the config's optim.amp; CPUs train in fp32)")
+    p.add_argument("--batch-size", type=int, default=1, help="inference mode: forward batch")
     p.add_argument("--image-size", type=int, help="square input size of the forward timing (default: the window)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")

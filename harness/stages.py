@@ -6,7 +6,7 @@ Every stage asks Ray for what ``policy`` decides from the cluster's nodes:
   GPU;
 - an evaluation (a whole split, or one shard of ``eval --workers``): 1 CPU, + 1 GPU where the
   cluster has GPUs;
-- the benchmark: every CPU of one node (the one with the most CPUs among those with a GPU,
+- the benchmark (inference, then training steps): every CPU of one node (the one with the most CPUs among those with a GPU,
   where the cluster has GPUs), + 1 GPU there.
 
 A stage runs as many torch threads as the CPUs it holds. So the benchmark measures with all of
@@ -112,12 +112,13 @@ def _eval_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20
 
 
 @ray.remote
-def _bench(cfg: Config, checkpoint: str | None) -> dict:
-    from harness.benchmark import benchmark
+def _bench(cfg: Config, checkpoint: str | None, workers: int) -> dict:
+    from harness.benchmark import benchmark, benchmark_train
 
     _threads_of_held_cpus()
     b = cfg.bench
-    return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats)
+    return {"inference": benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats),
+            "train": benchmark_train(cfg, None, workers, b.warmup, b.repeats)}
 
 
 def run_eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str) -> dict:
@@ -134,7 +135,8 @@ def run_eval_shards(checkpoint: str, cfg: Config, protocol: Protocol, shards: li
                     for shard in shards])
 
 
-def run_bench(cfg: Config, checkpoint: str | None) -> dict:
-    """``cfg``'s benchmark (its ``bench`` section) alone on its node with all of its threads:
-    ``benchmark.benchmark``'s result."""
-    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint))
+def run_bench(cfg: Config, checkpoint: str | None, workers: int = 1) -> dict:
+    """``cfg``'s benchmark (its ``bench`` section's warm-up and repeats) alone on its node with all
+    of its threads: ``{"inference": benchmark.benchmark's result, "train": benchmark.benchmark_train's
+    at the per-worker batch of ``workers`` training workers}``."""
+    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint, workers))
