@@ -254,15 +254,26 @@ def _reset_peak_memory(device: torch.device) -> None:
             f.write("5")
 
 
-def _peak_memory_since_reset(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return peak_memory_mb(device)
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field (kB) of /proc/self/status in MB; None without it."""
     with contextlib.suppress(OSError):
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):  # in kB
-                    return int(line.split()[1]) / 1024, "process peak RSS while timing (VmHWM)"
-    return peak_memory_mb(device)
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    return None
+
+
+def _memory_now_mb(device: torch.device) -> float | None:
+    """What the peak starts from: the allocator's live memory, or this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _proc_status_mb("VmRSS")
+
+
+def _peak_memory_since_reset(device: torch.device) -> tuple[float, str]:
+    peak = _proc_status_mb("VmHWM") if device.type == "cpu" else None
+    return (peak, "process peak RSS while timing (VmHWM)") if peak is not None else peak_memory_mb(device)
 
 
 def train_batch_size(cfg: Config, workers: int = 1) -> int:
@@ -301,6 +312,9 @@ def benchmark_train(cfg: Config, batch_size: int | None = None, workers: int = 1
     step, training = train_step_fn(cfg, device_t, batch)
     _sync(device_t)
     _reset_peak_memory(device_t)
+    # model, gradients' and optimiser's state and, on a CPU, the process itself (libraries,
+    # interpreter): the peak less this is what the steps' activations added
+    memory_start = _memory_now_mb(device_t)
     with concurrent_load(device_t) as load:
         times = time_runs(step, device_t, warmup, repeats)
     memory, memory_kind = _peak_memory_since_reset(device_t)
@@ -318,6 +332,7 @@ def benchmark_train(cfg: Config, batch_size: int | None = None, workers: int = 1
         "load": load,
         "concurrent_load": load_verdict(load),
         "peak_memory_kind": memory_kind,
+        "memory_at_start_mb": memory_start,
     }
     return {
         "config": cfg.name,
@@ -332,6 +347,10 @@ def benchmark_train(cfg: Config, batch_size: int | None = None, workers: int = 1
     }
 
 
+def _fmt_mb(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.0f} MB"
+
+
 def format_train_result(r: dict) -> str:
     p = r["protocol"]
     precision = p["precision"] + (f" (configured {p['precision_configured']})"
@@ -340,7 +359,8 @@ def format_train_result(r: dict) -> str:
         f"{r['config']} training: {r['images_per_s']:.2f} img/s, step median {r['step_median_ms']:.1f} ms, "
         f"p90 {r['step_p90_ms']:.1f} ms (batch {p['batch_size']} per worker, crop {p['crop']}x{p['crop']}, "
         f"{precision})",
-        f"  peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']}), {r['params_m']:.2f} M parameters",
+        f"  peak memory {r['peak_memory_mb']:.0f} MB ({r['peak_memory_kind']}; "
+        f"{_fmt_mb(p['memory_at_start_mb'])} before the first step), {r['params_m']:.2f} M parameters",
         f"  step: {p['step']}; data: {p['data']}",
         f"  device {p['device']}, warm-up {p['warmup']}, repeats {p['repeats']}, TF32 matmul {p['tf32_matmul']}, "
         f"cudnn.benchmark {p['cudnn_benchmark']}, threads {p['threads']}",

@@ -36,7 +36,6 @@ def test_train_step_is_the_loops_and_updates_the_weights(cfg):
 
 
 def test_train_bench_figures_agree_with_each_other(cfg):
-    small = benchmark_train(cfg, batch_size=1, warmup=1, repeats=3)
     r = benchmark_train(cfg, workers=2, warmup=1, repeats=5)
     p = r["protocol"]
     assert (p["crop"], p["batch_size"], p["workers"]) == (64, cfg.optim.batch_size // 2, 2)
@@ -45,13 +44,16 @@ def test_train_bench_figures_agree_with_each_other(cfg):
     assert "random" in p["data"] and p["concurrent_load"]
     assert r["images_per_s"] == pytest.approx(p["batch_size"] / (r["step_median_ms"] / 1e3))
     assert r["step_p90_ms"] >= r["step_median_ms"] > 0
-    # the peak of this process while timing, not of its lifetime: at least the model, its
-    # gradients and momentum, plus two logits tensors (forward, backward) of the larger batch
     assert "RSS" in r["peak_memory_kind"] and r["peak_memory_kind"] == p["peak_memory_kind"]
-    params_mb = r["params_m"] * 1e6 * 4 / 2**20
-    logits_mb = p["batch_size"] * cfg.model.n_cls * 64 * 64 * 4 / 2**20
-    assert r["peak_memory_mb"] > 3 * params_mb
-    assert r["peak_memory_mb"] > small["peak_memory_mb"] + logits_mb
+    # the resident set before the steps holds the model, its gradients and momentum
+    assert r["peak_memory_mb"] >= p["memory_at_start_mb"] > 3 * r["params_m"] * 1e6 * 4 / 2**20
+
+    # the peak of this process while timing, not of its lifetime: the steps add at least one
+    # logits tensor, at a batch whose logits (39 MB) glibc always maps afresh (above its 32 MB
+    # largest mmap threshold) rather than reusing memory earlier work left resident
+    big = benchmark_train(cfg, batch_size=16, warmup=0, repeats=1)
+    logits_mb = 16 * cfg.model.n_cls * 64 * 64 * 4 / 2**20
+    assert big["peak_memory_mb"] - big["protocol"]["memory_at_start_mb"] > logits_mb
 
 
 def test_bench_cli_train_mode(experiments, monkeypatch, segrepro):
