@@ -243,15 +243,19 @@ TRAIN_DATA = "random tensors of the crop shape, already on the device (the loade
 TRAIN_STEP = "forward, loss, backward, optimizer and schedule step (harness.train.loop.train_step), synchronised"
 
 
-def _reset_peak_memory(device: torch.device) -> None:
+def _reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak: the CUDA allocator's, or this process's resident high-water mark (Linux
-    resets it to the current resident set; elsewhere the peak stays the process's lifetime one)."""
+    resets it to the current resident set); False where it could not (the peak then stays the
+    process's lifetime one)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
+        return True
+    try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -271,8 +275,8 @@ def _memory_now_mb(device: torch.device) -> float | None:
     return _proc_status_mb("VmRSS")
 
 
-def _peak_memory_since_reset(device: torch.device) -> tuple[float, str]:
-    peak = _proc_status_mb("VmHWM") if device.type == "cpu" else None
+def _peak_memory_since_reset(device: torch.device, reset: bool) -> tuple[float, str]:
+    peak = _proc_status_mb("VmHWM") if device.type == "cpu" and reset else None
     return (peak, "process peak RSS while timing (VmHWM)") if peak is not None else peak_memory_mb(device)
 
 
@@ -311,19 +315,20 @@ def benchmark_train(cfg: Config, batch_size: int | None = None, workers: int = 1
     batch = batch_size or train_batch_size(cfg, workers)
     step, training = train_step_fn(cfg, device_t, batch)
     _sync(device_t)
-    _reset_peak_memory(device_t)
+    reset = _reset_peak_memory(device_t)
     # model, gradients' and optimiser's state and, on a CPU, the process itself (libraries,
     # interpreter): the peak less this is what the steps' activations added
     memory_start = _memory_now_mb(device_t)
     with concurrent_load(device_t) as load:
         times = time_runs(step, device_t, warmup, repeats)
-    memory, memory_kind = _peak_memory_since_reset(device_t)
+    memory, memory_kind = _peak_memory_since_reset(device_t, reset)
     median = statistics.median(times)
     protocol = {
-        "crop": cfg.data.crop_size, "batch_size": batch, "workers": workers,
+        "crop": cfg.data.crop_size, "batch_size": batch, "workers": None if batch_size else workers,
         "global_batch_size": cfg.optim.batch_size,
         "precision": cfg.optim.amp if training.amp is not None else "fp32", "precision_configured": cfg.optim.amp,
-        "recipe": cfg.recipe, "optimizer": type(training.optimizer).__name__, "clip_grad": cfg.optim.clip_grad, "warmup": warmup, "repeats": repeats,
+        "recipe": cfg.recipe, "optimizer": type(training.optimizer).__name__, "clip_grad": cfg.optim.clip_grad,
+        "warmup": warmup, "repeats": repeats,
         "step": TRAIN_STEP, "data": TRAIN_DATA,
         "device": str(device_t),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device_t.type == "cuda" else None,

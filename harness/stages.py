@@ -6,8 +6,8 @@ Every stage asks Ray for what ``policy`` decides from the cluster's nodes:
   GPU;
 - an evaluation (a whole split, or one shard of ``eval --workers``): 1 CPU, + 1 GPU where the
   cluster has GPUs;
-- the benchmark (inference, then training steps): every CPU of one node (the one with the most CPUs among those with a GPU,
-  where the cluster has GPUs), + 1 GPU there.
+- the benchmark (inference, then training steps): every CPU of one node (the one with the most
+  CPUs among those with a GPU, where the cluster has GPUs), + 1 GPU there.
 
 A stage runs as many torch threads as the CPUs it holds. So the benchmark measures with all of
 its node's threads, as ``segrepro bench`` does, and, holding every CPU there, it measures
