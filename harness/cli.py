@@ -175,20 +175,30 @@ def _attention_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.benchmark import benchmark, format_result
+    from harness.benchmark import benchmark, benchmark_train, format_result, format_train_result
     from harness.models import load_checkpoint
 
     checkpoint, ckpt_cfg = args.checkpoint, None
     if checkpoint:
         checkpoint, _ = _checkpoint_of(checkpoint)
         ckpt_cfg = load_checkpoint(checkpoint)[1]
-    cfg = _config_of(ckpt_cfg, args.config, args.recipe, args.profile)
+    cfg = _config_of(ckpt_cfg, args.config, args.recipe, args.profile,
+                     overrides={"optim": {"amp": args.amp}} if args.amp else None)
     b = cfg.bench  # the run's benchmark protocol where an option does not say otherwise
-    result = benchmark(cfg, checkpoint, args.batch_size or b.batch_size, args.image_size,
-                       args.precision or b.precision, args.attention,
-                       b.warmup if args.warmup is None else args.warmup,
-                       b.repeats if args.repeats is None else args.repeats)
-    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    warmup = b.warmup if args.warmup is None else args.warmup
+    repeats = b.repeats if args.repeats is None else args.repeats
+    results, blocks = {}, []
+    if args.mode in ("inference", "both"):
+        results["inference"] = benchmark(cfg, checkpoint, args.batch_size or b.batch_size, args.image_size,
+                                         args.precision or b.precision, args.attention, warmup, repeats)
+        blocks.append(format_result(results["inference"]))
+    if args.mode in ("train", "both"):
+        results["train"] = benchmark_train(cfg, None, args.workers, warmup, repeats)
+        blocks.append(format_train_result(results["train"]))
+    if args.json:
+        print(json.dumps(results if args.mode == "both" else results[args.mode], indent=2))
+    else:
+        print("\n".join(blocks))
     return 0
 
 
@@ -410,7 +420,14 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
                    "its config and benchmark settings); default: freshly initialised (speed does not depend on them)")
     p.add_argument("--recipe", help="named recipe (default: a segrepro checkpoint's own)")
     p.add_argument("--profile", help="run profile (default: a segrepro checkpoint's own)")
-    p.add_argument("--batch-size", type=int, help="default: the config's bench.batch_size")
+    p.add_argument("--mode", choices=["inference", "train", "both"], default="inference",
+                   help="time inference (forward and sliding window), training steps, or both")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train mode: the per-worker batch is the global optim.batch_size over this many workers")
+    p.add_argument("--amp", choices=["fp32", "fp16", "bf16"],
+                   help="train mode: training precision (default: the config's optim.amp; CPUs train in fp32)")
+    p.add_argument("--batch-size", type=int, help="inference mode: forward batch (default: the config's "
+                                                  "bench.batch_size)")
     p.add_argument("--image-size", type=int, help="square input size of the forward timing (default: the window)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the config's bench.precision")
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")

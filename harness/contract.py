@@ -10,7 +10,7 @@ Runs, by the ``segrepro.kind`` tag:
 - ``config``: one child run per configuration's work, found again by ``segrepro.run_key``; the
   flattened resolved config, ``git_commit``, ``versions.*`` and ``device.*`` as params;
   ``train/*`` and ``val/*`` curves (step = iteration), ``ss/*``, ``msflip/*``, ``bench/*``,
-  ``wall_time_s`` and ``gpu_hours`` as final metrics;
+  ``bench_train/*``, ``wall_time_s`` and ``gpu_hours`` as final metrics;
 - ``eval``: one run per ``segrepro eval`` logged to a store, with ``segrepro.checkpoint``,
   ``segrepro.source`` (who produced the weights), ``segrepro.protocol`` (whose rules) and
   ``segrepro.mode``; ``protocol.*`` params and ``MODE/mIoU``, ``MODE/mAcc``, ``MODE/aAcc``;
@@ -121,6 +121,11 @@ SECONDS = "seconds"                # MODE/seconds: how long an evaluation took
 # harness.benchmark's figures, each logged as bench/FIGURE
 BENCH_FIGURES = ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                  "params_m", "peak_memory_mb")
+# harness.benchmark's training figures (segrepro bench --mode train), each logged as bench_train/FIGURE,
+# and its protocol as bench_train.KEY params
+BENCH_TRAIN = "bench_train"
+BENCH_TRAIN_FIGURES = ("images_per_s", "step_median_ms", "step_p90_ms", "peak_memory_mb")
+BENCH_TRAIN_PREFIX = "bench_train."  # crop, batch_size, precision, device, threads, peak_memory_kind
 WALL_TIME = "wall_time_s"
 GPU_HOURS = "gpu_hours"
 CHECKS_FAILED = "checks_failed"

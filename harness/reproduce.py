@@ -350,8 +350,7 @@ class Reproduction:
         for cfg in self.cfgs:
             tid = identity.training_id(cfg, fps["training"]["fingerprint"])
             protocols = {mode: dataclasses.asdict(Protocol.of(cfg, mode == "msflip")) for mode in ("ss", "msflip")}
-            bench = {**dataclasses.asdict(cfg.bench), "window": cfg.eval.window, "stride": cfg.eval.stride,
-                     "test_scale": cfg.data.test_scale}
+            bench = identity.bench_settings(cfg, self.opts.workers)
             key = identity.run_key(tid, list(protocols.values()), fps["validation"]["fingerprint"], bench, device)
             self.plans.append(Plan(cfg, tid, key, self.opts.run_dir / "configs" / f"{cfg.name}-{tid}", fps,
                                    protocols, bench, device))
@@ -435,7 +434,7 @@ class Reproduction:
             bench = self._bench(plan, checkpoint, note)
             self._log_results(run_id, plan, train, sha, results["ss"], results["msflip"], bench)
             note(f"finished: ss mIoU {results['ss']['mIoU']:.2f}, ms+flip mIoU {results['msflip']['mIoU']:.2f}, "
-                 f"{bench['images_per_s']:.2f} img/s")
+                 f"{bench['inference']['images_per_s']:.2f} img/s, training {bench['train']['images_per_s']:.2f} img/s")
             log.close()
             self.tracker.log_artifact(run_id, work / runs.LOG_FILE)
             self.tracker.finish(run_id)
@@ -510,7 +509,7 @@ class Reproduction:
             return done
         progress = (str(plan.work / PROGRESS_FILE), stage_token("bench"))
         note("waiting for its node to be free, then running alone", "bench", progress=progress)
-        result = {**run_bench(plan.cfg, checkpoint, progress), "key": key}
+        result = {**run_bench(plan.cfg, checkpoint, self.opts.workers, progress), "key": key}
         self.board.poll()
         write_json(path, result)
         return result
@@ -523,15 +522,20 @@ class Reproduction:
             metrics[f"{prefix}/seconds"] = rec["seconds"]
         for k in ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                   "params_m", "peak_memory_mb"):
-            metrics[f"bench/{k}"] = bench[k]
+            metrics[f"bench/{k}"] = bench["inference"][k]
+        metrics.update({contract.metric(contract.BENCH_TRAIN, k): bench["train"][k]
+                        for k in contract.BENCH_TRAIN_FIGURES})
         # every attempt's training time (the driver's ledger) plus the evaluations'
         metrics["wall_time_s"] = train["wall_time_s"] + ss["seconds"] + ms["seconds"]
         gpus = self.opts.workers * self.opts.gpus_per_worker
         metrics["gpu_hours"] = train["wall_time_s"] * gpus / 3600
         t.log_final_metrics(run_id, metrics)
-        proto = bench["protocol"]
+        proto = bench["inference"]["protocol"]
         params = {f"bench.{k}": proto[k] for k in ("batch_size", "precision", "image_size", "device", "threads",
                                                   "concurrent_load")}
+        proto = bench["train"]["protocol"]
+        params.update({contract.BENCH_TRAIN_PREFIX + k: proto[k]
+                       for k in ("crop", "batch_size", "precision", "device", "threads", "peak_memory_kind")})
         params.update({"train.checkpoint": train["checkpoint"], "train.checkpoint_sha256": sha,
                        "train.attempts": train.get("attempts", 1)})
         existing = t.client.get_run(run_id).data.params

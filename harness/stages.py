@@ -6,8 +6,8 @@ Every stage asks Ray for what ``policy`` decides from the cluster's nodes:
   GPU;
 - an evaluation (a whole split, or one shard of ``eval --workers``): 1 CPU, + 1 GPU where the
   cluster has GPUs;
-- the benchmark: every CPU of one node (the one with the most CPUs among those with a GPU,
-  where the cluster has GPUs), + 1 GPU there.
+- the benchmark (inference, then training steps): every CPU of one node (the one with the most
+  CPUs among those with a GPU, where the cluster has GPUs), + 1 GPU there.
 
 A stage runs as many torch threads as the CPUs it holds. So the benchmark measures with all of
 its node's threads, as ``segrepro bench`` does, and, holding every CPU there, it measures
@@ -120,13 +120,24 @@ def _eval_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20
 
 
 @ray.remote
-def _bench(cfg: Config, checkpoint: str | None, progress: tuple[str, str] | None) -> dict:
-    from harness.benchmark import benchmark
+def _bench(cfg: Config, checkpoint: str | None, workers: int, progress: tuple[str, str] | None) -> dict:
+    from harness.benchmark import benchmark, benchmark_train
 
     _threads_of_held_cpus()
     b = cfg.bench
-    return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats,
-                     on_run=_reporter(progress, "runs"))
+    report = _reporter(progress, "runs")
+    train_runs, inference_runs = b.warmup + b.repeats, []
+
+    def on_inference(done: int, total: int) -> None:  # one count over both halves
+        inference_runs[:] = [total]
+        report(done, total + train_runs)
+
+    def on_train(done: int, total: int) -> None:
+        report(sum(inference_runs) + done, sum(inference_runs) + total)
+
+    return {"inference": benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats,
+                                   on_run=on_inference if report else None),
+            "train": benchmark_train(cfg, None, workers, b.warmup, b.repeats, on_run=on_train if report else None)}
 
 
 def run_eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str,
@@ -146,7 +157,10 @@ def run_eval_shards(checkpoint: str, cfg: Config, protocol: Protocol, shards: li
                     for shard in shards])
 
 
-def run_bench(cfg: Config, checkpoint: str | None, progress: tuple[str, str] | None = None) -> dict:
-    """``cfg``'s benchmark (its ``bench`` section) alone on its node with all of its threads:
-    ``benchmark.benchmark``'s result. ``progress``: (progress file, token) to report every run to."""
-    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint, progress))
+def run_bench(cfg: Config, checkpoint: str | None, workers: int = 1,
+              progress: tuple[str, str] | None = None) -> dict:
+    """``cfg``'s benchmark (its ``bench`` section's warm-up and repeats) alone on its node with all
+    of its threads: ``{"inference": benchmark.benchmark's result, "train": benchmark.benchmark_train's
+    at the per-worker batch of ``workers`` training workers}``. ``progress``: (progress file,
+    token) to report every run to."""
+    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint, workers, progress))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.contract import BENCH_TRAIN, BENCH_TRAIN_FIGURES, BENCH_TRAIN_PREFIX
 from harness.data.synth import synthesize
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
@@ -102,9 +103,19 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env, resumed):
     assert max(steps) == 120
     # resumed from a checkpoint, not from zero: the first logged iteration appears once
     assert steps.count(min(steps)) == 1
-    final = ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s", "gpu_hours")
+    final = ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s", "gpu_hours",
+             *(f"{BENCH_TRAIN}/{figure}" for figure in BENCH_TRAIN_FIGURES))
     for key in final:
         assert len(client.get_metric_history(child.info.run_id, key)) == 1, key
+    # the training benchmark at the profile's crop and per-worker batch (one worker: the global batch)
+    m, params = child2.data.metrics, child2.data.params
+    assert m[f"{BENCH_TRAIN}/images_per_s"] == pytest.approx(2 / (m[f"{BENCH_TRAIN}/step_median_ms"] / 1e3))
+    assert m[f"{BENCH_TRAIN}/step_p90_ms"] >= m[f"{BENCH_TRAIN}/step_median_ms"] > 0
+    assert m[f"{BENCH_TRAIN}/peak_memory_mb"] > 0
+    protocol = {k[len(BENCH_TRAIN_PREFIX):]: v for k, v in params.items() if k.startswith(BENCH_TRAIN_PREFIX)}
+    assert "RSS" in protocol.pop("peak_memory_kind")
+    assert protocol == {"crop": "64", "batch_size": "2", "precision": "fp32", "device": "cpu",
+                        "threads": params["bench.threads"]}
     # wall time counts both attempts of training (the driver's ledger) and the evaluations
     (work,) = run_dir.glob("configs/tiny_test-*")
     train = json.loads((work / "train" / "train_result.json").read_text())
