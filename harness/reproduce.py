@@ -568,7 +568,8 @@ def format_outcomes(outcomes: list[dict]) -> str:
     for o in outcomes:
         found = runs.describe(Path(o["work_dir"]))
         figures = ", ".join(f"{label} {found[key]:.2f}" for key, label in (
-            ("ss_mIoU", "ss mIoU"), ("msflip_mIoU", "ms+flip mIoU"), ("images_per_s", "img/s"))
+            ("ss_mIoU", "ss mIoU"), ("msflip_mIoU", "ms+flip mIoU"), ("images_per_s", "img/s"),
+            ("train_images_per_s", "training img/s"))
             if found[key] is not None)
         lines.append(f"{o['config']}: {o['status']}" + (f", {figures}" if figures else "")
                      + (f" ({o['error']})" if o.get("error") else ""))

@@ -119,7 +119,9 @@ def describe(work: Path, holder: dict | None = None) -> dict:
         "note": note, "work_dir": str(work), "checkpoint": checkpoint, "iteration": iteration, "iterations": total,
         "ss_mIoU": results["ss"]["mIoU"] if results["ss"] else None,
         "msflip_mIoU": results["msflip"]["mIoU"] if results["msflip"] else None,
-        "images_per_s": bench["images_per_s"] if bench else None,
+        # bench.json: {"inference": ..., "train": ...}; before the training benchmark, inference only
+        "images_per_s": (bench.get("inference") or bench).get("images_per_s") if bench else None,
+        "train_images_per_s": (bench.get("train") or {}).get("images_per_s") if bench else None,
         "data_root": train.get("data_root") if train else None,
         "files": {key: str(path) for key, path in (("ss", work / metrics_file("ss")),
                                                    ("msflip", work / metrics_file("msflip")),

@@ -130,10 +130,12 @@ def _work(root, name="seg_a", log=(), results=(), checkpoint=True):
 
 
 def test_each_status_is_read_from_the_work_directory(tmp_path):
-    done = [("ss", {"mIoU": 41.5}), ("msflip", {"mIoU": 43.25}), ("bench", {"images_per_s": 7.5})]
+    done = [("ss", {"mIoU": 41.5}), ("msflip", {"mIoU": 43.25}),
+            ("bench", {"inference": {"images_per_s": 7.5}, "train": {"images_per_s": 0.5}})]
     finished = describe(_work(tmp_path / "a", log=["started", "finished: ss mIoU 41.50"], results=done))
     assert (finished["status"], finished["stage"], finished["ss_mIoU"], finished["msflip_mIoU"],
-            finished["images_per_s"], finished["profile"]) == ("finished", "done", 41.5, 43.25, 7.5, "smoke")
+            finished["images_per_s"], finished["train_images_per_s"], finished["profile"]) == (
+        "finished", "done", 41.5, 43.25, 7.5, 0.5, "smoke")
     failed = describe(_work(tmp_path / "b", log=["started", "failed: RuntimeError: boom"], results=done[:1]))
     assert (failed["status"], failed["stage"], failed["note"]) == ("failed", "eval ms+flip",
                                                                    "failed: RuntimeError: boom")
