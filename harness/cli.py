@@ -445,7 +445,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _runs_arguments(p: argparse.ArgumentParser) -> None:
-    from harness.runs import DEFAULT_RUN_DIR, cmd_runs
+    from harness.contract import DEFAULT_RUN_DIR
+    from harness.runs import cmd_runs
 
     p.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help=f"the run directory (default {DEFAULT_RUN_DIR})")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -454,7 +455,7 @@ def _runs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _reproduce_arguments(p: argparse.ArgumentParser) -> None:
     from harness.preflight import MEASURED_ITERATIONS
-    from harness.runs import DEFAULT_RUN_DIR
+    from harness.contract import DEFAULT_RUN_DIR
     from harness.train import command as train
 
     p.add_argument("--configs", default="all", help="all, seed (the five seed rows), or NAME,NAME,...")

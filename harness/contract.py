@@ -39,6 +39,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 EXPERIMENT = "segrepro"
+DEFAULT_RUN_DIR = "runs/reproduce"  # reproduce's, and so where runs and report look by default
 STORE_FILE = "mlflow.db"          # the SQLite store inside a run directory
 ARTIFACTS_DIR = "mlartifacts"     # a SQLite store's artifacts, beside the database
 

@@ -29,7 +29,6 @@ import yaml
 from harness.config import InputError
 from harness.progress import PROGRESS_FILE, read_progress
 
-DEFAULT_RUN_DIR = "runs/reproduce"
 CONFIGS_DIR = "configs"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.txt"

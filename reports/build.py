@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.atomic import atomic_dir
-from harness.contract import EXPERIMENT, default_tracking_uri
+from harness.contract import DEFAULT_RUN_DIR, EXPERIMENT, default_tracking_uri
 from reports import plots, render, tables
 from reports.collect import ReportError, collect
 
@@ -156,8 +156,8 @@ def build_report(tracking_uri: str, out: str | Path, tolerance: float = tables.T
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///RUN_DIR/mlflow.db)")
-    parser.add_argument("--run-dir", default="runs/reproduce", help="run directory holding mlflow.db (default: segrepro "
-                        "reproduce's, runs/reproduce)")
+    parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="run directory holding mlflow.db "
+                        f"(default: segrepro reproduce's, {DEFAULT_RUN_DIR})")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/report)")
     parser.add_argument("--tolerance", type=float, default=tables.TOLERANCE,
                         help=f"|reproduced − documented| counted as reproduced, in mIoU (default {tables.TOLERANCE})")
