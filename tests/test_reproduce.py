@@ -167,8 +167,8 @@ def test_a_run_is_listed_and_its_run_dir_evaluates_and_benchmarks_as_reproduce_d
         (row,) = json.loads(res.stdout)["configs"]
         assert (row["config"], row["status"], row["stage"], row["checkpoint"]) == ("tiny_test", "finished", "done",
                                                                                      checkpoint)
-        assert (row["ss_mIoU"], row["images_per_s"], row["profile"]) == (ss["mIoU"], bench["images_per_s"],
-                                                                          "tiny_long")
+        assert (row["ss_mIoU"], row["images_per_s"], row["profile"]) == (
+            ss["mIoU"], bench["inference"]["images_per_s"], "tiny_long")
     res = segrepro("runs", "--run-dir", resumed["run_dir"])
     assert checkpoint in res.stdout and "finished" in res.stdout, res.stdout
 

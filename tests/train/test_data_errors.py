@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.data.ade20k import DataError, list_pairs
+from harness.data.ade20k import list_pairs
 from harness.data.synth import synthesize
-from harness.train.driver import LEDGER_FILE, train
+from harness.train.driver import LEDGER_FILE
 from harness.train.loop import epoch_indices
-from tests.train.hooks import Trace
 
 PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:
@@ -69,15 +68,6 @@ def test_truncated_image_under_train_is_one_message(env, segrepro, tmp_path):
     assert f"full traceback in {log}" in res.stderr
     assert "Traceback (most recent call last)" in log.read_text() and "DataError" in log.read_text()
     assert len(json.loads((run_dir / LEDGER_FILE).read_text())["attempts"]) == 1
-
-
-def test_a_data_error_in_a_worker_is_not_retried(env, tmp_path):
-    trace = tmp_path / "trace.jsonl"
-    with pytest.raises(DataError, match=env["bad"].name):
-        train(env["cfg"], env["data"], tmp_path / "run", hooks=[Trace(str(trace))])
-    iterations = [json.loads(line)["iteration"] for line in trace.read_text().splitlines()]
-    # the first batch trained once: Ray Train did not start the attempt again (max_failures 3)
-    assert iterations == [1]
 
 
 def test_truncated_image_under_reproduce_fails_the_configuration_naming_it(env, segrepro, tmp_path):
