@@ -21,7 +21,7 @@ from tqdm import tqdm
 from harness.atomic import write_text
 from harness.config import NORMALIZATION, Config, normalization_name
 from harness.data.ade20k import ADE20K, CLASSES
-from harness.inference import make_views, slide_inference, view_size
+from harness.inference import keep_freed_memory, make_views, slide_inference, view_size
 from harness.metrics import ConfusionMatrix
 
 # dataset item -> predicted classes [H, W] scored against the item's label, or (classes, the
@@ -208,6 +208,7 @@ def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: A
     model, ckpt_cfg = load_checkpoint(checkpoint, source_config, attention=cfg.model.attention,
                                       mask_step=cfg.model.mask_step)
     model.to(device)
+    keep_freed_memory()
     # the protocol's normalisation rule is resolved for the checkpoint's own model
     predict = model_predictor(model, ckpt_cfg, protocol, device)
     # one loader worker decodes and builds the next image's views while the model runs

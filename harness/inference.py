@@ -11,6 +11,21 @@ import torch.nn.functional as F
 from harness.data.transforms import normalize, rescale_size, resize_test_image, short_side_size
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc serve every allocation from its heap and keep what is freed there (mallopt
+    M_MMAP_MAX 0, M_TRIM_THRESHOLD at its maximum), for a process that runs inference over and
+    over: the logits maps (150 x window^2 floats and more) are otherwise fresh mmaps whose page
+    faults cost more than the bilinear resizes writing them. False where libc has no mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def upsample_to_window(im: torch.Tensor, window: int) -> torch.Tensor:
     """Upsample a view whose short side is below the window so the short side equals it
     (reference ``resize``: the long side is ``int(ratio * window)``, truncated)."""

@@ -19,7 +19,7 @@ import torch
 
 from harness.benchmark import concurrent_load, load_verdict, time_runs
 from harness.config import NORMALIZATION, Config, InputError, load_config, normalization_name
-from harness.inference import make_views, slide_inference, upsample_to_window, window_origins
+from harness.inference import keep_freed_memory, make_views, slide_inference, upsample_to_window, window_origins
 from harness.models.segmenter import build_model
 
 WORKS = ("forward", "slide", "msflip")
@@ -59,6 +59,7 @@ def run_suite(configs: list[str], works: list[str], image_hw: tuple[int, int] = 
     if unknown:
         raise InputError(f"--works {','.join(unknown)}: expected some of {','.join(WORKS)}")
     torch.set_num_threads(threads)
+    heap = keep_freed_memory()  # as `segrepro eval` runs inference
     device = torch.device("cpu")
     rows = []
     for name in configs:
@@ -72,13 +73,13 @@ def run_suite(configs: list[str], works: list[str], image_hw: tuple[int, int] = 
                          "min_ms": 1000 * min(times), "runs_ms": [round(1000 * t, 1) for t in times],
                          **what, "concurrent_load": load_verdict(load)})
     return {"suite": "inference", "device": "cpu", "precision": "fp32", "threads": threads,
-            "torch": torch.__version__, "warmup": warmup, "repeats": repeats, "weights": "random",
+            "torch": torch.__version__, "freed_memory_kept": heap, "warmup": warmup, "repeats": repeats, "weights": "random",
             "rows": rows}
 
 
 def format_suite(result: dict) -> str:
     lines = [f"inference suite: {result['device']}, {result['precision']}, {result['threads']} threads, "
-             f"torch {result['torch']}, {result['weights']} weights, median of {result['repeats']} runs "
+             f"torch {result['torch']}, {result['weights']} weights, freed memory kept {result['freed_memory_kept']}, median of {result['repeats']} runs "
              f"after {result['warmup']} warm-up"]
     for r in result["rows"]:
         if r["work"] == "forward":

@@ -22,6 +22,7 @@ def test_inference_suite_times_every_workload_with_its_protocol(small_yaml, segr
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert (out["threads"], out["precision"], out["repeats"], out["warmup"]) == (1, "fp32", 2, 0)
+    assert out["freed_memory_kept"] is True
     rows = {r["work"]: r for r in out["rows"]}
     assert list(rows) == ["forward", "slide", "msflip"]
     assert all(len(r["runs_ms"]) == 2 and 0 < r["min_ms"] <= r["median_ms"] for r in rows.values())
