@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -320,6 +321,21 @@ def _build(cls: type, data: dict, file: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax: ``1e-3`` and ``1E5`` are numbers, not
+    the strings YAML 1.1 (which wants ``1.0e-3``) makes of them."""
+
+
+# YAML 1.2 core schema floats (https://yaml.org/spec/1.2.2/#10214-floating-point); the integers
+# keep PyYAML's resolver, which comes first for digits only.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
     path = Path(path)
@@ -328,7 +344,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise ConfigError(path, None, f"cannot read: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -10,7 +10,7 @@ Runs, by the ``segrepro.kind`` tag:
 - ``config``: one child run per configuration's work, found again by ``segrepro.run_key``; the
   flattened resolved config, ``git_commit``, ``versions.*`` and ``device.*`` as params;
   ``train/*`` and ``val/*`` curves (step = iteration), ``ss/*``, ``msflip/*``, ``bench/*``,
-  ``wall_time_s`` and ``gpu_hours`` as final metrics;
+  ``bench_train/*``, ``wall_time_s`` and ``gpu_hours`` as final metrics;
 - ``eval``: one run per ``segrepro eval`` logged to a store, with ``segrepro.checkpoint``,
   ``segrepro.source`` (who produced the weights), ``segrepro.protocol`` (whose rules) and
   ``segrepro.mode``; ``protocol.*`` params and ``MODE/mIoU``, ``MODE/mAcc``, ``MODE/aAcc``;
@@ -23,17 +23,23 @@ Every run carries ``segrepro.pid`` and ``segrepro.host`` (who wrote it last), an
 finished, failed or killed (a run whose process died, closed by the next one in its run
 directory; ``segrepro.last_checkpoint`` says how far it got). The reproduce driver finds its
 work again by ``segrepro.training_id``, ``segrepro.run_key``, ``segrepro.eval_key`` and
-``segrepro.bench_key``, and records the data it read as ``segrepro.data_root`` and the
-fingerprint of each split (``segrepro.train_fingerprint``, ``segrepro.val_fingerprint``).
+``segrepro.bench_key``. Every run that read data (config, train, eval) records it: the root
+(``segrepro.data_root``), each split's fingerprint and image count (``segrepro.train_fingerprint``,
+``segrepro.val_fingerprint``, ``segrepro.train_images``, ``segrepro.val_images``) and, for a
+validation split, what it is (``segrepro.val_data``, one of ``VAL_DATA_KINDS``, with the reason
+in ``segrepro.val_data_note``): a figure is compared with a documented ADE20K one only on
+``ade20k-val``.
 """
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote, unquote
 
 EXPERIMENT = "segrepro"
+DEFAULT_RUN_DIR = "runs/reproduce"  # reproduce's, and so where runs and report look by default
 STORE_FILE = "mlflow.db"          # the SQLite store inside a run directory
 ARTIFACTS_DIR = "mlartifacts"     # a SQLite store's artifacts, beside the database
 
@@ -61,6 +67,10 @@ BENCH_KEY = "segrepro.bench_key"
 DATA_ROOT = "segrepro.data_root"
 TRAIN_FINGERPRINT = "segrepro.train_fingerprint"
 VAL_FINGERPRINT = "segrepro.val_fingerprint"
+TRAIN_IMAGES = "segrepro.train_images"
+VAL_IMAGES = "segrepro.val_images"
+VAL_DATA = "segrepro.val_data"
+VAL_DATA_NOTE = "segrepro.val_data_note"
 PID = "segrepro.pid"
 HOST = "segrepro.host"
 LAST_CHECKPOINT = "segrepro.last_checkpoint"
@@ -68,6 +78,15 @@ PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: nests a child under its paren
 
 # the fingerprint tag of each ADE20K split
 FINGERPRINT = {"training": TRAIN_FINGERPRINT, "validation": VAL_FINGERPRINT}
+# the image-count tag of each split
+SPLIT_IMAGES = {"training": TRAIN_IMAGES, "validation": VAL_IMAGES}
+
+# values of VAL_DATA (harness.data.fingerprint.val_data decides)
+VAL_ADE20K = "ade20k-val"                # the official split, verified against the record of the official archive
+VAL_UNVERIFIED = "ade20k-val-unverified"  # the official names and count, content not verifiable
+VAL_GENERATED = "generated"              # written by segrepro data synth, whatever its names
+VAL_OTHER = "other"                      # anything else (a subset, another dataset)
+VAL_DATA_KINDS = (VAL_ADE20K, VAL_UNVERIFIED, VAL_GENERATED, VAL_OTHER)
 
 # values of KIND
 KIND_REPRODUCE = "reproduce"
@@ -103,9 +122,26 @@ SECONDS = "seconds"                # MODE/seconds: how long an evaluation took
 # harness.benchmark's figures, each logged as bench/FIGURE
 BENCH_FIGURES = ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                  "params_m", "peak_memory_mb")
+# harness.benchmark's training figures (segrepro bench --mode train), each logged as bench_train/FIGURE,
+# and its protocol as bench_train.KEY params
+BENCH_TRAIN = "bench_train"
+BENCH_TRAIN_FIGURES = ("images_per_s", "step_median_ms", "step_p90_ms", "peak_memory_mb")
+BENCH_TRAIN_PREFIX = "bench_train."  # crop, batch_size, precision, device, threads, peak_memory_kind
 WALL_TIME = "wall_time_s"
 GPU_HOURS = "gpu_hours"
 CHECKS_FAILED = "checks_failed"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as the params the writer logs: dotted keys, lists as JSON text."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
 
 
 def metric(prefix: str, figure: str) -> str:
@@ -120,6 +156,11 @@ SS_MIOU = metric(SS, MIOU)
 MSFLIP_MIOU = metric(MSFLIP, MIOU)
 (BENCH_IMAGES_PER_S, BENCH_LATENCY_MEDIAN_MS, BENCH_LATENCY_P90_MS, BENCH_SLIDE_LATENCY_MEDIAN_MS, BENCH_GFLOPS,
  BENCH_PARAMS_M, BENCH_PEAK_MEMORY_MB) = (metric(BENCH, figure) for figure in BENCH_FIGURES)
+# harness.benchmark's training figures (segrepro bench --mode train), each logged as bench_train/FIGURE,
+# and its protocol as bench_train.KEY params
+BENCH_TRAIN = "bench_train"
+BENCH_TRAIN_FIGURES = ("images_per_s", "step_median_ms", "step_p90_ms", "peak_memory_mb")
+BENCH_TRAIN_PREFIX = "bench_train."  # crop, batch_size, precision, device, threads, peak_memory_kind
 
 
 def kernel_metric(*parts: str) -> str:

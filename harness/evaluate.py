@@ -27,6 +27,8 @@ from harness.metrics import ConfusionMatrix
 # dataset item -> predicted classes [H, W] scored against the item's label, or (classes, the
 # label they are scored against) where the protocol scores at another resolution
 Predictor = Callable[[dict], Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]
+# called with (images done, images in all) after every image
+OnImage = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -131,12 +133,13 @@ def _as_is(item: dict) -> dict:
 
 def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150, limit: int | None = None,
                      progress: bool = True, desc: str = "eval", loader_workers: int = 0,
-                     timing: dict | None = None) -> ConfusionMatrix:
+                     timing: dict | None = None, on_image: OnImage | None = None) -> ConfusionMatrix:
     """Accumulate one confusion matrix over (the first ``limit`` items of) ``dataset``.
 
     ``loader_workers > 0``: a torch DataLoader decodes the images and builds the views (a
     predictor's ``prepare``) in that many worker processes while the model runs. ``timing``, if
-    given, receives ``model_s`` (seconds inside ``predict``) and ``wall_s``."""
+    given, receives ``model_s`` (seconds inside ``predict``) and ``wall_s``; ``on_image(done,
+    total)`` is called after every image."""
     cm = ConfusionMatrix(num_classes)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     prepare = getattr(predict, "prepare", None)
@@ -146,12 +149,15 @@ def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150
     else:
         items = (dataset[i] for i in range(n))
     start, model_s = time.perf_counter(), 0.0
-    for item in tqdm(items, total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+    for done, item in enumerate(tqdm(items, total=n, desc=desc, unit="img", disable=not progress,
+                                     dynamic_ncols=True), 1):
         t = time.perf_counter()
         out = predict(item)
         model_s += time.perf_counter() - t
         pred, label = out if isinstance(out, tuple) else (out, torch.from_numpy(item["label"]))
         cm.update(pred, label)
+        if on_image is not None:
+            on_image(done, n)
     if timing is not None:
         timing.update(model_s=model_s, wall_s=time.perf_counter() - start)
     return cm
@@ -173,10 +179,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
                         ms_flip: bool = False, limit: int | None = None, workers: int = 1,
                         progress: bool = True, ray_address: str | None = None,
                         source_config: str | os.PathLike | None = None,
-                        timing: dict | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
+                        timing: dict | None = None,
+                        on_image: OnImage | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
     """Evaluate a checkpoint (any format ``load_checkpoint`` reads; ``source_config`` for an
     MMSeg or PaddleViT one whose config is elsewhere) on the validation split of ``data_root``
-    with ``cfg``'s protocol.
+    with ``cfg``'s protocol; ``on_image`` follows a single-process evaluation image by image.
 
     ``workers > 1`` shards the split over Ray tasks (``harness.stages``: one evaluation's
     resources each), each accumulating its own matrix; the matrices are merged once.
@@ -187,8 +194,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
     dataset = dataset if limit is None else dataset.head(limit)
     source_config = None if source_config is None else str(source_config)
     if workers <= 1:
-        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config, timing), protocol,
-                len(dataset))
+        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config, timing, on_image),
+                protocol, len(dataset))
     from harness.raylib import ensure_ray
     from harness.stages import run_eval_shards
 
@@ -201,7 +208,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
 
 
 def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20K,
-                    progress: bool, source_config: str | None = None, timing: dict | None = None) -> ConfusionMatrix:
+                    progress: bool, source_config: str | None = None, timing: dict | None = None,
+                    on_image: OnImage | None = None) -> ConfusionMatrix:
     from harness.models import load_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +221,7 @@ def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: A
     predict = model_predictor(model, ckpt_cfg, protocol, device)
     # one loader worker decodes and builds the next image's views while the model runs
     return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode,
-                            loader_workers=1, timing=timing)
+                            loader_workers=1, timing=timing, on_image=on_image)
 
 
 def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: int, seconds: float) -> dict:
@@ -248,14 +256,16 @@ def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
 
 
 def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | None, workers: int,
-             out_dir, progress: bool = True, ray_address: str | None = None, source_config=None) -> dict:
+             out_dir, progress: bool = True, ray_address: str | None = None, source_config=None,
+             on_image: OnImage | None = None) -> dict:
     start, timing = time.perf_counter(), {}
     cm, protocol, images = evaluate_checkpoint(checkpoint, cfg, data_root, ms_flip, limit, workers, progress,
-                                               ray_address, source_config, timing)
+                                               ray_address, source_config, timing, on_image)
     record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
     # the model's share of the evaluation loop's wall time (None when sharded over Ray workers)
     record["model_share"] = timing["model_s"] / timing["wall_s"] if timing.get("wall_s") else None
     record["checkpoint"] = str(Path(checkpoint).resolve())
+    record["data_root"] = str(Path(data_root).resolve())  # the writer records which data this was
     if out_dir is not None:
         write_result(out_dir, record)
     return record

@@ -6,7 +6,9 @@ when they would come out the same and never otherwise.
   training split's content fingerprint. A description, logging/eval/checkpoint interval, loader
   process count, evaluation or benchmark setting never changes it.
 - Evaluation: (training identity, checkpoint SHA-256, evaluation protocol, validation split).
-- Benchmark: (training identity, benchmark settings, device).
+- Benchmark: (training identity, benchmark settings, device); the settings cover both of its
+  modes: inference (batch, precision, warm-up, repeats, window, stride, test scale) and training
+  steps (crop, per-worker batch, precision), so a result of another mode set is not reused.
 - A reproduction of one configuration: (training identity, both evaluation protocols, the
   validation split, benchmark settings, device): a finished one with the same key is skipped.
 
@@ -14,6 +16,7 @@ Bottom floor: imports only the config.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -48,6 +51,15 @@ def training_id(cfg: Config, train_fingerprint: str) -> str:
 def eval_key(training: str, checkpoint_sha256: str, protocol: dict, val_fingerprint: str) -> str:
     return _digest({"training": training, "checkpoint": checkpoint_sha256, "protocol": protocol,
                     "val_split": val_fingerprint})
+
+
+def bench_settings(cfg: Config, workers: int) -> dict:
+    """What the benchmark stage's figures depend on besides the weights' architecture and the
+    device, for ``cfg`` trained by ``workers`` workers."""
+    return {**dataclasses.asdict(cfg.bench), "window": cfg.eval.window, "stride": cfg.eval.stride,
+            "test_scale": cfg.data.test_scale,
+            "train": {"crop": cfg.data.crop_size, "batch_size": cfg.optim.batch_size // workers,
+                      "precision": cfg.optim.amp}}
 
 
 def bench_key(training: str, bench: dict, device: str) -> str:

@@ -244,7 +244,7 @@ def measure(cfg: Config, data_root: str, workers: int, iterations: int = MEASURE
     import torch
 
     from harness.benchmark import _sync, peak_memory_mb
-    from harness.data import ADE20K
+    from harness.data.ade20k import ADE20K
     from harness.evaluate import Protocol, model_predictor
     from harness.models import build_model
     from harness.optim import build_optimizer
@@ -364,7 +364,7 @@ def run_preflight(t: Target, iterations: int = MEASURED_ITERATIONS, progress: bo
     if measurable:
         import ray
 
-        from harness.data import ADE20K
+        from harness.data.ade20k import ADE20K
         from harness.stages import policy
 
         cluster_gpus = ray.cluster_resources().get("GPU", 0)

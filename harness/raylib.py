@@ -5,6 +5,7 @@ import os
 import socket
 
 from harness.config import InputError
+from harness.logs import ray_logging_level
 
 
 def _check_reachable(address: str) -> None:
@@ -34,11 +35,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     try:
         if address:
             _check_reachable(address)
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env,
+                     logging_level=ray_logging_level())
         else:
             # "local": a new instance even where `ray start` left a cluster on this machine, which
             # a bare ray.init() would join (and share with whoever started it)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env=runtime_env)
+                     runtime_env=runtime_env, logging_level=ray_logging_level())
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise InputError(f"Ray address {address!r}: cannot connect ({e})") from None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -25,11 +27,12 @@ from pathlib import Path
 
 import yaml
 
-from harness import contract, identity, interrupt, weights
+from harness import contract, identity, interrupt, runs, weights
 from harness.atomic import write_json, write_text
 from harness.config import Config, InputError, load_config, zoo_names
-from harness.data import DataError
+from harness.data.ade20k import DataError
 from harness.preflight import MEASURED_ITERATIONS, Target, require_cheap_checks, run_preflight
+from harness.progress import PROGRESS_FILE, eta_s, format_duration, read_progress, stage_token
 from harness.tracking import Tracker, default_tracking_uri
 
 SEED_CONFIGS = ("seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask")
@@ -59,39 +62,203 @@ def resolve_configs(spec: str) -> list[str]:
         return zoo_names()
     if spec == "seed":
         return list(SEED_CONFIGS)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
+    given = [n.strip() for n in spec.split(",") if n.strip()]
+    if not given:
         raise InputError(f"--configs {spec!r}: expected all, seed, or a comma-separated list of configurations")
+    names = list(dict.fromkeys(given))  # one run directory holds one run of each configuration
+    if len(names) < len(given):
+        twice = sorted({n for n in given if given.count(n) > 1})
+        print(f"segrepro: note: --configs names {', '.join(twice)} more than once; each runs once", file=sys.stderr)
     return names
 
 
+class _Row:
+    """One configuration's line: a note, or a stage with its count since ``since``."""
+
+    def __init__(self):
+        self.text, self.stage, self.since = "waiting", None, 0.0
+        self.done = self.total = None
+        self.base, self.unit, self.extra = 0, "", ""
+        self.progress: tuple[Path, str] | None = None  # the stage's progress file and token
+        self.printed = 0.0  # when its progress was last printed (not on a terminal)
+
+
+class _Through:
+    """sys.stdout / sys.stderr while the board is on a terminal: text goes above the board."""
+
+    def __init__(self, board: "StatusBoard", target):
+        self._board, self._target = board, target
+
+    def write(self, text: str) -> int:
+        self._board.write_above(self._target, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+
 class StatusBoard:
-    """One line per configuration with its stage and progress: redrawn in place on a
-    terminal, printed on change elsewhere (logs, CI)."""
+    """One line per configuration: its stage with count, ETA (from the stage's start, start-up
+    included) and time in the stage, or its last note.
 
-    def __init__(self, names: list[str], stream=sys.stderr):
+    On a terminal the board is redrawn in place every second, each line cut to the terminal's
+    width so it takes one row; anything written meanwhile to sys.stdout or sys.stderr (a
+    warning, a logging handler's message) goes above it: the board is erased, the text written,
+    and the board drawn again below it, so no line is overwritten. Elsewhere (logs, CI) a line
+    is printed when a configuration's stage or note changes, and its progress at most every
+    ``PRINT_INTERVAL_S``. Progress files of stages running as Ray tasks are polled every second.
+    """
+
+    PRINT_INTERVAL_S = 10.0
+
+    def __init__(self, names: list[str], stream=None):
         self.names = names
-        self.lines = {n: "waiting" for n in names}
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.lock = threading.Lock()
+        self.rows = {n: _Row() for n in names}
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.lock = threading.RLock()
         self.width = max(len(n) for n in names)
-        self.drawn = False
+        self.drawn = 0  # rows of the board on the screen now
+        self.partial = False  # a line written above the board is not finished yet
+        self.stop = threading.Event()
 
+    # ---------------------------------------------------------------- state
     def update(self, name: str, text: str) -> None:
+        """A note: the configuration's line until its next stage or note."""
         with self.lock:
-            if self.lines[name] == text:
+            row = self.rows[name]
+            if row.stage is None and row.text == text:
                 return
-            self.lines[name] = text
-            if self.tty:
-                if self.drawn:
-                    self.stream.write(f"\x1b[{len(self.names)}F")
-                for n in self.names:
-                    self.stream.write(f"\x1b[2K{n:<{self.width}}  {self.lines[n]}\n")
-                self.drawn = True
-            else:
-                self.stream.write(f"{name:<{self.width}}  {text}\n")
+            row.text, row.stage, row.progress = text, None, None
+            self._changed(name, True)
+
+    def start(self, name: str, stage: str, text: str = "", progress: tuple[Path, str] | None = None,
+              base: int = 0) -> None:
+        """``stage`` begins now; ``progress`` (file, token) is polled for its count; ``base``: the
+        count it starts from (a resumed training's iteration)."""
+        with self.lock:
+            row = self.rows[name]
+            row.stage, row.text, row.since, row.progress, row.base = stage, text, time.monotonic(), progress, base
+            row.done = row.total = None
+            row.extra = ""
+            self._changed(name, True)
+
+    def progress(self, name: str, done: int, total: int, unit: str, extra: str = "") -> None:
+        with self.lock:
+            row = self.rows[name]
+            if (row.done, row.total, row.extra) == (done, total, extra):
+                return
+            row.done, row.total, row.unit, row.extra = done, total, unit, extra
+            self._changed(name, False)
+
+    def poll(self) -> None:
+        """The count of every stage that reports through a progress file."""
+        for name, row in list(self.rows.items()):
+            if row.progress:
+                record = read_progress(*row.progress)
+                if record and row.stage is not None:
+                    self.progress(name, record["done"], record["total"], record["unit"])
+
+    def line(self, name: str) -> str:
+        row = self.rows[name]
+        if row.stage is None:
+            return row.text
+        elapsed = time.monotonic() - row.since
+        parts = [row.stage]
+        if row.total:
+            parts[0] += f" {row.done}/{row.total} {row.unit}"
+            eta = eta_s(elapsed, row.done - row.base, row.total - row.base)
+            parts += [row.extra] if row.extra else []
+            parts += [f"eta {format_duration(eta)}"] if eta is not None else []
+        elif row.text:
+            parts[0] += f": {row.text}"
+        return "  ".join(parts + [f"elapsed {format_duration(elapsed)}"])
+
+    # ---------------------------------------------------------------- output
+    def _changed(self, name: str, stage_or_note: bool) -> None:
+        if self.tty:
+            self._redraw()
+            return
+        row, now = self.rows[name], time.monotonic()
+        if not stage_or_note:
+            if row.done != row.total and now - row.printed < self.PRINT_INTERVAL_S:
+                return
+            row.printed = now
+        else:
+            row.printed = 0.0  # a stage's first count prints at once
+        self.stream.write(f"{name:<{self.width}}  {self.line(name)}\n")
+        self.stream.flush()
+
+    def _erase(self) -> None:
+        if self.drawn:
+            # to the board's first row, then clear to the end of the screen
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.drawn = 0
+
+    def _draw(self) -> None:
+        columns = shutil.get_terminal_size().columns
+        for n in self.names:
+            self.stream.write(f"{n:<{self.width}}  {self.line(n)}"[:columns - 1] + "\n")
+        self.drawn = len(self.names)
+
+    def _redraw(self) -> None:
+        with self.lock:
+            if self.partial:
+                return
+            self._erase()
+            self._draw()
             self.stream.flush()
+
+    def write_above(self, target, text: str) -> None:
+        """``text`` written to ``target`` above the board (``_Through``)."""
+        if not text:
+            return
+        with self.lock:
+            if not self.partial:
+                self._erase()
+                self.stream.flush()
+            target.write(text)
+            target.flush()
+            self.partial = not text.endswith("\n")
+            if not self.partial:
+                self._draw()
+                self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self.poll()
+            if self.tty:
+                self._redraw()
+
+    def __enter__(self) -> "StatusBoard":
+        self.saved = sys.stdout, sys.stderr
+        self.handlers = []
+        if self.tty:
+            through = {id(s): _Through(self, s) for s in self.saved}
+            sys.stdout, sys.stderr = (through[id(s)] for s in self.saved)
+            # logging handlers made earlier hold the streams themselves
+            for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+                for h in getattr(logger, "handlers", []):
+                    if type(h) is logging.StreamHandler and id(h.stream) in through:
+                        self.handlers.append((h, h.stream))
+                        h.setStream(through[id(h.stream)])
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+        self.ticker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.ticker.join()
+        for h, stream in self.handlers:
+            h.setStream(stream)
+        sys.stdout, sys.stderr = self.saved
+        if self.tty:
+            with self.lock:
+                self.partial = False
+                self._redraw()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -112,12 +279,22 @@ class Plan:
     device: str
 
 
+def _saved_iteration(train_dir: Path) -> int:
+    """The iteration of the newest checkpoint in ``train_dir`` (where training will resume, unless
+    that one is unusable): the count the training stage's ETA starts from."""
+    from harness.train.checkpoint import STATE_FILE
+    from harness.train.driver import checkpoint_dirs
+
+    states = [_read_json(d / STATE_FILE) or {} for d in checkpoint_dirs(train_dir)]
+    return max((s.get("iteration", 0) for s in states), default=0)
+
+
 def _last_checkpoint(work: Path) -> str | None:
     """The checkpoint a stopped configuration's training would resume from."""
     from harness.train.checkpoint import MODEL_FILE, newest
     from harness.train.driver import checkpoint_dirs
 
-    saved = newest(checkpoint_dirs(work / "train"))
+    saved = newest(checkpoint_dirs(work / runs.TRAIN_DIR))
     return str(saved.path / MODEL_FILE) if saved else None
 
 
@@ -132,6 +309,8 @@ class Reproduction:
         overrides = {"optim": {"amp": self.opts.amp}} if self.opts.amp else None
         self.cfgs = [load_config(n, recipe=self.opts.recipe, profile=self.opts.profile, overrides=overrides)
                      for n in self.opts.configs]
+        if self.opts.workers < 1:
+            raise InputError(f"--workers {self.opts.workers}: must be at least 1")
         for cfg in self.cfgs:
             if cfg.optim.batch_size % self.opts.workers:
                 raise InputError(f"--workers {self.opts.workers}: must divide {cfg.name}'s global batch "
@@ -171,8 +350,7 @@ class Reproduction:
         for cfg in self.cfgs:
             tid = identity.training_id(cfg, fps["training"]["fingerprint"])
             protocols = {mode: dataclasses.asdict(Protocol.of(cfg, mode == "msflip")) for mode in ("ss", "msflip")}
-            bench = {**dataclasses.asdict(cfg.bench), "window": cfg.eval.window, "stride": cfg.eval.stride,
-                     "test_scale": cfg.data.test_scale}
+            bench = identity.bench_settings(cfg, self.opts.workers)
             key = identity.run_key(tid, list(protocols.values()), fps["validation"]["fingerprint"], bench, device)
             self.plans.append(Plan(cfg, tid, key, self.opts.run_dir / "configs" / f"{cfg.name}-{tid}", fps,
                                    protocols, bench, device))
@@ -192,11 +370,15 @@ class Reproduction:
         for run_id in self.tracker.close_stale(self.opts.run_dir):
             print(f"segrepro: run {run_id} of a process that died was marked KILLED", file=sys.stderr)
         self.parent = self.tracker.start_parent(self.opts.argv)
+        # the parent row of MLflow's run list shows its own inputs ("Dataset: -" without them)
+        self.tracker.log_dataset(self.parent, self.opts.data_root,
+                                 {split: fp["fingerprint"] for split, fp in self.plans[0].fingerprints.items()},
+                                 context="training")
         self.board = StatusBoard([c.name for c in self.cfgs])
-        with interrupt.handling_sigint():
+        with interrupt.handling_sigint(), self.board:
             with ThreadPoolExecutor(max_workers=len(self.plans)) as pool:
                 futures = [pool.submit(self._run_one, p) for p in self.plans]
-                outcomes = [f.result() for f in futures]
+                outcomes = [{**f.result(), "work_dir": str(p.work)} for p, f in zip(self.plans, futures)]
         if interrupt.requested():
             self.tracker.kill(self.parent, None)
             raise interrupt.Interrupted(_resume_hint(self.opts))
@@ -222,20 +404,22 @@ class Reproduction:
         else:
             self._move_aside(work)
         work.mkdir(parents=True, exist_ok=True)
-        write_text(work / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(work / runs.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         keys = {contract.TRAINING_ID: plan.training_id, contract.RUN_KEY: plan.run_key}
         run_id, resumed = self.tracker.child_run(cfg, self.parent, self.facts, keys)
-        log = (work / "log.txt").open("a")
+        log = (work / runs.LOG_FILE).open("a")
 
-        def note(text: str) -> None:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        def note(text: str, stage: str | None = None, **start) -> None:
+            """One line in the log; on the board a note, or with ``stage`` that stage's start."""
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {stage + ': ' if stage else ''}{text}\n")
             log.flush()
-            self.board.update(name, text)
+            if stage:
+                self.board.start(name, stage, text, **start)
+            else:
+                self.board.update(name, text)
 
         try:
-            self.tracker.log_dataset(run_id, self.opts.data_root,
-                                     {split: fp["fingerprint"] for split, fp in plan.fingerprints.items()},
-                                     context="training")
+            self.tracker.log_dataset(run_id, self.opts.data_root, plan.fingerprints, context="training")
             note(f"{'resumed' if resumed else 'started'} (MLflow run {run_id}); encoder init: "
                  f"{self.init_notes[name]}; precision {cfg.optim.amp}; training identity {plan.training_id}")
             interrupt.check()
@@ -250,9 +434,9 @@ class Reproduction:
             bench = self._bench(plan, checkpoint, note)
             self._log_results(run_id, plan, train, sha, results["ss"], results["msflip"], bench)
             note(f"finished: ss mIoU {results['ss']['mIoU']:.2f}, ms+flip mIoU {results['msflip']['mIoU']:.2f}, "
-                 f"{bench['images_per_s']:.2f} img/s")
+                 f"{bench['inference']['images_per_s']:.2f} img/s, training {bench['train']['images_per_s']:.2f} img/s")
             log.close()
-            self.tracker.log_artifact(run_id, work / "log.txt")
+            self.tracker.log_artifact(run_id, work / runs.LOG_FILE)
             self.tracker.finish(run_id)
             return {"config": name, "status": "finished", "run_id": run_id, "ss": results["ss"]["mIoU"],
                     "msflip": results["msflip"]["mIoU"]}
@@ -268,32 +452,29 @@ class Reproduction:
             note(f"failed: {type(e).__name__}: {e}")
             log.write(traceback.format_exc())
             log.close()
-            self.tracker.log_artifact(run_id, work / "log.txt")
+            self.tracker.log_artifact(run_id, work / runs.LOG_FILE)
             self.tracker.finish(run_id, f"{type(e).__name__}: {e}")
-            return {"config": name, "status": "failed", "run_id": run_id, "error": str(e)}
+            return {"config": name, "status": "failed", "run_id": run_id, "error": str(e),
+                    "user_error": isinstance(e, InputError), "log": str(work / "log.txt")}
 
     def _train(self, plan: Plan, run_id: str, note) -> dict:
         from harness.train.driver import finished_result, train
 
         cfg = plan.cfg
-        done = finished_result(plan.work / "train", cfg, self.opts.data_root)
+        done = finished_result(plan.work / runs.TRAIN_DIR, cfg, self.opts.data_root)
         if done:
             note("train: finished earlier")
             return done
-        note("train: starting")
+        saved = _saved_iteration(plan.work / runs.TRAIN_DIR)
+        note(f"starting (Ray Train workers){f', resuming from iteration {saved}' if saved else ''}", "train",
+             base=saved)
 
         def progress(rec: dict) -> None:
-            eta = rec.get("eta_s")
-            text = f"train {rec.get('iteration')}/{rec.get('total')}"
-            if rec.get("loss") is not None:
-                text += f" loss {rec['loss']:.3f}"
-            if eta is not None:
-                text += f" eta {int(eta) // 60}m{int(eta) % 60:02d}s"
-            if rec.get("val/mIoU") is not None:
-                text += f" val mIoU {rec['val/mIoU']:.2f}"
-            self.board.update(cfg.name, text)
+            extra = [f"loss {rec['loss']:.3f}"] if rec.get("loss") is not None else []
+            extra += [f"val mIoU {rec['val/mIoU']:.2f}"] if rec.get("val/mIoU") is not None else []
+            self.board.progress(cfg.name, rec["iteration"], rec["total"], "it", "  ".join(extra))
 
-        return train(cfg, self.opts.data_root, plan.work / "train", workers=self.opts.workers,
+        return train(cfg, self.opts.data_root, plan.work / runs.TRAIN_DIR, workers=self.opts.workers,
                      gpus_per_worker=self.opts.gpus_per_worker, address=self.opts.address, resume=True,
                      backbone_weights=self.backbones[cfg.name], tracking_uri=self.uri, mlflow_run_id=run_id,
                      progress_callback=progress)
@@ -304,12 +485,16 @@ class Reproduction:
 
         key = identity.eval_key(plan.training_id, sha, plan.protocols[mode],
                                 plan.fingerprints["validation"]["fingerprint"])
-        path = plan.work / f"{mode}_metrics.json"
+        path = plan.work / runs.metrics_file(mode)
         done = _read_json(path)
         if done and done.get("key") == key:
             return done
-        note(f"eval {'ms+flip' if mode == 'msflip' else 'ss'}: running")
-        result = run_eval(checkpoint, plan.cfg, str(self.opts.data_root), mode == "msflip", str(plan.work))
+        stage = runs.STAGE_NAMES[mode]
+        progress = (str(plan.work / PROGRESS_FILE), stage_token(stage))
+        note("starting", stage, progress=progress)
+        result = run_eval(checkpoint, plan.cfg, str(self.opts.data_root), mode == "msflip", str(plan.work),
+                          progress)
+        self.board.poll()  # its last count, whether or not the board polled it while it ran
         result = {**result, "key": key, "checkpoint_sha256": sha}
         write_json(path, result)
         return result
@@ -318,12 +503,14 @@ class Reproduction:
         from harness.stages import run_bench
 
         key = identity.bench_key(plan.training_id, plan.bench, plan.device)
-        path = plan.work / "bench.json"
+        path = plan.work / runs.BENCH_FILE
         done = _read_json(path)
         if done and done.get("key") == key:
             return done
-        note("bench: waiting for its node to be free, then running alone")
-        result = {**run_bench(plan.cfg, checkpoint), "key": key}
+        progress = (str(plan.work / PROGRESS_FILE), stage_token("bench"))
+        note("waiting for its node to be free, then running alone", "bench", progress=progress)
+        result = {**run_bench(plan.cfg, checkpoint, self.opts.workers, progress), "key": key}
+        self.board.poll()
         write_json(path, result)
         return result
 
@@ -335,15 +522,20 @@ class Reproduction:
             metrics[f"{prefix}/seconds"] = rec["seconds"]
         for k in ("images_per_s", "latency_median_ms", "latency_p90_ms", "slide_latency_median_ms", "gflops",
                   "params_m", "peak_memory_mb"):
-            metrics[f"bench/{k}"] = bench[k]
+            metrics[f"bench/{k}"] = bench["inference"][k]
+        metrics.update({contract.metric(contract.BENCH_TRAIN, k): bench["train"][k]
+                        for k in contract.BENCH_TRAIN_FIGURES})
         # every attempt's training time (the driver's ledger) plus the evaluations'
         metrics["wall_time_s"] = train["wall_time_s"] + ss["seconds"] + ms["seconds"]
         gpus = self.opts.workers * self.opts.gpus_per_worker
         metrics["gpu_hours"] = train["wall_time_s"] * gpus / 3600
         t.log_final_metrics(run_id, metrics)
-        proto = bench["protocol"]
+        proto = bench["inference"]["protocol"]
         params = {f"bench.{k}": proto[k] for k in ("batch_size", "precision", "image_size", "device", "threads",
                                                   "concurrent_load")}
+        proto = bench["train"]["protocol"]
+        params.update({contract.BENCH_TRAIN_PREFIX + k: proto[k]
+                       for k in ("crop", "batch_size", "precision", "device", "threads", "peak_memory_kind")})
         params.update({"train.checkpoint": train["checkpoint"], "train.checkpoint_sha256": sha,
                        "train.attempts": train.get("attempts", 1)})
         existing = t.client.get_run(run_id).data.params
@@ -359,10 +551,33 @@ def _resume_hint(opts: Options) -> str:
 
 
 def reproduce(opts: Options) -> tuple[list[dict], str]:
-    """Run the reproduction; the caller holds ``opts.run_dir``'s lock (``harness.lock.RunLock``)."""
+    """Run the reproduction; the caller holds ``opts.run_dir``'s lock (``harness.lock.RunLock``).
+    Each outcome carries its configuration's ``work_dir``, ``checkpoint`` and result ``files``."""
     rep = Reproduction(opts)
     rep.validate()
-    return rep.run(), rep.uri
+    outcomes = []
+    for o in rep.run():
+        found = runs.describe(Path(o["work_dir"]))
+        outcomes.append({**o, "checkpoint": found["checkpoint"], "files": found["files"]})
+    return outcomes, rep.uri
+
+
+def format_outcomes(outcomes: list[dict]) -> str:
+    """Per configuration: its outcome and figures, then where its work, checkpoint and results are."""
+    lines = []
+    for o in outcomes:
+        found = runs.describe(Path(o["work_dir"]))
+        figures = ", ".join(f"{label} {found[key]:.2f}" for key, label in (
+            ("ss_mIoU", "ss mIoU"), ("msflip_mIoU", "ms+flip mIoU"), ("images_per_s", "img/s"),
+            ("train_images_per_s", "training img/s"))
+            if found[key] is not None)
+        lines.append(f"{o['config']}: {o['status']}" + (f", {figures}" if figures else "")
+                     + (f" ({o['error']})" if o.get("error") else ""))
+        lines.append(f"  run dir     {o['work_dir']}")
+        lines.append(f"  checkpoint  {found['checkpoint'] or 'none'}")
+        if found["files"]:
+            lines.append(f"  results     {', '.join(v for k, v in found['files'].items() if k != 'log')}")
+    return "\n".join(lines)
 
 
 def preflight(opts: Options, iterations: int = MEASURED_ITERATIONS, progress: bool = True) -> dict:

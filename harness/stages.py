@@ -6,8 +6,8 @@ Every stage asks Ray for what ``policy`` decides from the cluster's nodes:
   GPU;
 - an evaluation (a whole split, or one shard of ``eval --workers``): 1 CPU, + 1 GPU where the
   cluster has GPUs;
-- the benchmark: every CPU of one node (the one with the most CPUs among those with a GPU,
-  where the cluster has GPUs), + 1 GPU there.
+- the benchmark (inference, then training steps): every CPU of one node (the one with the most
+  CPUs among those with a GPU, where the cluster has GPUs), + 1 GPU there.
 
 A stage runs as many torch threads as the CPUs it holds. So the benchmark measures with all of
 its node's threads, as ``segrepro bench`` does, and, holding every CPU there, it measures
@@ -17,7 +17,8 @@ threads of one ``reproduce`` and across nodes and drivers, on any cluster, with 
 nodes must have been started with; the benchmark waits until its node is free.
 
 The stage bodies import evaluation and the benchmark when they run: the training driver and
-``evaluate`` use the policy without importing what sits above them.
+``evaluate`` use the policy without importing what sits above them. Given a progress file, an
+evaluation reports every image and the benchmark every run to it (``harness.progress``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from harness.config import Config, InputError
+from harness.progress import ProgressFile
 
 if TYPE_CHECKING:
     from harness.data.ade20k import ADE20K
@@ -94,12 +96,18 @@ def _threads_of_held_cpus() -> None:
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
 
 
+def _reporter(progress: tuple[str, str] | None, unit: str) -> ProgressFile | None:
+    return ProgressFile(progress[0], progress[1], unit) if progress else None
+
+
 @ray.remote
-def _eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str) -> dict:
+def _eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str,
+          progress: tuple[str, str] | None) -> dict:
     from harness.evaluate import run_eval
 
     _threads_of_held_cpus()
-    return run_eval(checkpoint, cfg, data_root, ms_flip, None, 1, out_dir, progress=False)
+    return run_eval(checkpoint, cfg, data_root, ms_flip, None, 1, out_dir, progress=False,
+                    on_image=_reporter(progress, "img"))
 
 
 @ray.remote
@@ -112,18 +120,33 @@ def _eval_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20
 
 
 @ray.remote
-def _bench(cfg: Config, checkpoint: str | None) -> dict:
-    from harness.benchmark import benchmark
+def _bench(cfg: Config, checkpoint: str | None, workers: int, progress: tuple[str, str] | None) -> dict:
+    from harness.benchmark import benchmark, benchmark_train
 
     _threads_of_held_cpus()
     b = cfg.bench
-    return benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats)
+    report = _reporter(progress, "runs")
+    train_runs, inference_runs = b.warmup + b.repeats, []
+
+    def on_inference(done: int, total: int) -> None:  # one count over both halves
+        inference_runs[:] = [total]
+        report(done, total + train_runs)
+
+    def on_train(done: int, total: int) -> None:
+        report(sum(inference_runs) + done, sum(inference_runs) + total)
+
+    return {"inference": benchmark(cfg, checkpoint, b.batch_size, None, b.precision, None, b.warmup, b.repeats,
+                                   on_run=on_inference if report else None),
+            "train": benchmark_train(cfg, None, workers, b.warmup, b.repeats, on_run=on_train if report else None)}
 
 
-def run_eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str) -> dict:
+def run_eval(checkpoint: str, cfg: Config, data_root: str, ms_flip: bool, out_dir: str,
+             progress: tuple[str, str] | None = None) -> dict:
     """The validation split of ``data_root`` evaluated (ss, or ms+flip) with ``cfg``'s protocol in
-    one task; the record (``evaluate.run_eval``'s) is also written to ``out_dir``."""
-    return ray.get(_eval.options(**policy().eval.options()).remote(checkpoint, cfg, data_root, ms_flip, out_dir))
+    one task; the record (``evaluate.run_eval``'s) is also written to ``out_dir``. ``progress``:
+    (progress file, the stage's token) to report every image to."""
+    return ray.get(_eval.options(**policy().eval.options()).remote(checkpoint, cfg, data_root, ms_flip, out_dir,
+                                                                   progress))
 
 
 def run_eval_shards(checkpoint: str, cfg: Config, protocol: Protocol, shards: list[ADE20K],
@@ -134,7 +157,10 @@ def run_eval_shards(checkpoint: str, cfg: Config, protocol: Protocol, shards: li
                     for shard in shards])
 
 
-def run_bench(cfg: Config, checkpoint: str | None) -> dict:
-    """``cfg``'s benchmark (its ``bench`` section) alone on its node with all of its threads:
-    ``benchmark.benchmark``'s result."""
-    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint))
+def run_bench(cfg: Config, checkpoint: str | None, workers: int = 1,
+              progress: tuple[str, str] | None = None) -> dict:
+    """``cfg``'s benchmark (its ``bench`` section's warm-up and repeats) alone on its node with all
+    of its threads: ``{"inference": benchmark.benchmark's result, "train": benchmark.benchmark_train's
+    at the per-worker batch of ``workers`` training workers}``. ``progress``: (progress file,
+    token) to report every run to."""
+    return ray.get(_bench.options(**policy().bench.options()).remote(cfg, checkpoint, workers, progress))

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -23,16 +24,19 @@ from pathlib import Path
 
 from harness.atomic import write_text
 from harness.config import Config, InputError
-from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, DATA_ROOT,
-                              DEVICE_PREFIX, ERROR, EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT,
-                              GIT_COMMIT_PARAM, HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND,
-                              KIND_CONFIG, KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE,
-                              LAST_CHECKPOINT, MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL,
-                              PROTOCOL_PREFIX, RECIPE, RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, STAGE, STAGE_TRAIN,
-                              STATUS, TRAINING_ID, VERSIONS_PREFIX, kernel_metric, metric, sqlite_path, sqlite_store_problem)
+from harness.contract import (ARGV, ARTIFACTS_DIR, CHECKPOINT, CHECKS_FAILED, CONFIG, DATA_ROOT, DEVICE_PREFIX, ERROR,
+                              EVAL_FIGURES, EXPERIMENT, FAILED, FINGERPRINT, FINISHED, GIT_COMMIT, GIT_COMMIT_PARAM,
+                              HOST, IMAGES, INIT, KERNELS_ARTIFACT, KERNELS_KIND_PARAM, KILLED, KIND, KIND_CONFIG,
+                              KIND_EVAL, KIND_KERNELS_CHECK, KIND_KERNELS_PROFILE, KIND_REPRODUCE, LAST_CHECKPOINT,
+                              MODE, NORMALIZATION_USED, PARENT_RUN, PID, PROFILE, PROTOCOL, PROTOCOL_PREFIX, RECIPE,
+                              RESUMED, RUNNING, RUN_DIR, RUN_KEY, SOURCE, SPLIT_IMAGES, STAGE, STAGE_TRAIN, STATUS,
+                              TRAINING_ID, VAL_DATA, VAL_DATA_NOTE, VAL_GENERATED, VERSIONS_PREFIX, flatten,
+                              kernel_metric, metric, sqlite_path, sqlite_store_problem)
 from harness.contract import default_tracking_uri  # noqa: F401  (callers take it from the writer)
 
 _DATASETS = threading.Lock()
+# the experiment kind MLflow 3's UI reads: the classic view of runs, metrics and models
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TRAIN_RUN_FILE = "mlflow_run_id"  # a standalone training run directory's MLflow run, reused on resume
 
 
@@ -47,14 +51,35 @@ def check_tracking_uri(uri: str) -> None:
         except (urllib.error.URLError, OSError) as e:
             raise InputError(f"tracking URI {uri}: unreachable ({getattr(e, 'reason', e)})") from None
     elif (path := sqlite_path(uri)) is not None:
+        _check_sqlite_writable(uri, path)
         if path.exists():
             problem = sqlite_store_problem(path)
             if problem:
                 raise InputError(f"tracking URI {uri}: {problem}")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
     else:
         raise InputError(f"tracking URI {uri!r}: expected sqlite:///PATH or http(s)://HOST:PORT")
+
+
+def _check_sqlite_writable(uri: str, path: Path) -> None:
+    """A store SQLite cannot open or write fails here, in one line: MLflow would retry opening it
+    for two minutes, then answer with a SQLAlchemy traceback."""
+    what = f"tracking URI {uri}"
+    if path.exists() and not path.is_file():
+        raise InputError(f"{what}: {path} is not a file; pass the path of a SQLite file (created if missing)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what}: cannot create its directory {path.parent} ({e.strerror or e})") from None
+    # SQLite writes the file and, beside it, its journal; tried for real (permission bits say
+    # nothing of a read-only mount, or to root)
+    for target, probe in ((path, lambda: open(path, "r+b").close()),
+                          (path.parent, lambda: tempfile.TemporaryFile(dir=path.parent).close())):
+        try:
+            if target.exists() or target == path.parent:
+                probe()
+        except OSError as e:
+            raise InputError(f"{what}: cannot write {target} ({e.strerror or e}); make it writable or choose "
+                             f"another --run-dir / --tracking-uri") from None
 
 
 def init_tag(cfg: Config) -> str:
@@ -63,17 +88,6 @@ def init_tag(cfg: Config) -> str:
     if m.init == "scratch" or not m.init_sha256:
         return "scratch"
     return f"{m.pretrained or m.backbone} sha256:{m.init_sha256}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
-    return out
 
 
 def git_commit() -> str:
@@ -120,9 +134,13 @@ class Tracker:
             # a SQLite store keeps its artifacts beside the database; a server decides for itself
             path = sqlite_path(uri)
             location = (path.resolve().parent / ARTIFACTS_DIR).as_uri() if path else None
-            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=location)
+            # MLflow 3's UI opens an experiment without this tag in its GenAI view
+            self.experiment_id = self.client.create_experiment(
+                EXPERIMENT, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a store created before the tag was set
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def _owner(self) -> dict:
         """The tags naming the process that writes a run now."""
@@ -207,20 +225,34 @@ class Tracker:
         held = self.client.get_run(run_id).data.metrics
         self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in held})
 
-    def log_dataset(self, run_id: str, root: str | Path, fingerprints: dict[str, str], context: str) -> None:
-        """The dataset a run read: its root and each split's fingerprint (keys: the ADE20K
-        splits, training and validation) as tags, and each split as an MLflow dataset input
+    def log_dataset(self, run_id: str, root: str | Path, splits: dict[str, dict | str], context: str) -> None:
+        """The dataset a run read: its root, each split's fingerprint and image count (``splits``:
+        ADE20K split -> its ``split_fingerprint`` record, or the bare fingerprint where the caller
+        holds no more) and, with a validation split, what that split is
+        (``harness.data.fingerprint.val_data``) as tags; and each split as an MLflow dataset input
         with ``context`` (e.g. training, eval), which the MLflow UI lists with the run."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+        from harness.data.fingerprint import val_data
+
         root = str(Path(root).resolve())
-        self.set_tags(run_id, {DATA_ROOT: root, **{FINGERPRINT[split]: fp for split, fp in fingerprints.items()}})
+        splits = {split: r if isinstance(r, dict) else {"fingerprint": r} for split, r in splits.items()}
+        tags = {DATA_ROOT: root}
+        for split, record in splits.items():
+            tags[FINGERPRINT[split]] = record["fingerprint"]
+            if "images" in record:
+                tags[SPLIT_IMAGES[split]] = record["images"]
+        if "validation" in splits:
+            tags[VAL_DATA], tags[VAL_DATA_NOTE] = val_data(root, splits["validation"])
+        self.set_tags(run_id, tags)
+        # the UI names the data by what it is: generated data never shows as ADE20K
+        name = "generated (ADE20K layout)" if tags.get(VAL_DATA) == VAL_GENERATED else "ADE20K"
         # the digest column holds 36 characters; the tags above hold the whole fingerprint
-        inputs = [DatasetInput(Dataset(name=f"ADE20K/{split}", digest=fp[:36], source_type="local",
+        inputs = [DatasetInput(Dataset(name=f"{name}/{split}", digest=record["fingerprint"][:36], source_type="local",
                                        source=json.dumps({"uri": root})),
                                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-                  for split, fp in fingerprints.items()]
+                  for split, record in splits.items()]
         from mlflow.exceptions import MlflowException
 
         # MLflow's SQL store inserts a dataset it has not seen yet without guarding against a
@@ -257,6 +289,11 @@ class Tracker:
                                  NORMALIZATION_USED: record["normalization"], GIT_COMMIT_PARAM: git_commit(),
                                  **package_versions()})
         self.log_metrics(run_id, {metric(mode, k): record[k] for k in (*EVAL_FIGURES, IMAGES)})
+        if record.get("data_root"):
+            from harness.data.fingerprint import split_fingerprint
+
+            root = record["data_root"]
+            self.log_dataset(run_id, root, {"validation": split_fingerprint(root, "validation")}, context="eval")
         self.finish(run_id)
         return run_id
 
@@ -325,13 +362,14 @@ class MetricsLogger:
 
 
 def train_run(cfg: Config, run_dir: Path, tracking_uri: str | None, run_id: str | None, data_root: Path,
-              train_fingerprint: str, training_id: str) -> tuple[dict | None, bool]:
+              train_fingerprint: dict, training_id: str) -> tuple[dict | None, bool]:
     """The MLflow run a training logs to: (``{"uri", "run_id"}`` for the workers, or None
     without tracking; whether this call owns the run and so ends it with ``end_train_run``).
 
     A given run id belongs to the caller (who logs its parameters and data); otherwise one run
     per run directory is created (and reopened on resume) with every config value as a
-    parameter, its training identity and the training split it reads."""
+    parameter, its training identity and the training split it reads (``train_fingerprint``:
+    its ``split_fingerprint`` record)."""
     if not (tracking_uri or run_id):
         return None, False
     import mlflow

@@ -43,13 +43,42 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def autotune_configs(low: list[dict], fp32: list[dict], interp: dict, dtype_arg: str) -> dict:
+    """Keyword arguments for @triton.autotune: each input dtype its own config list.
+
+    Each config is a dict of the kernel's block sizes plus num_warps and num_stages. fp32 tiles
+    hold twice the bytes, and an exact ("ieee") fp32 tl.dot runs on the CUDA cores with its
+    operands in registers, so fp32 gets smaller tiles: the configs that keep fp16/bf16 fast would
+    spill (kernels.compile checks that none of the low-precision configs, and at least one fp32
+    config, compile without spills). The autotuner's early prune keeps the list of the dtype
+    of argument ``dtype_arg``; kernels.compile applies the same prune.
+
+    Under the interpreter there is nothing to tune and every extra config costs a full run, so
+    the single ``interp`` config is used.
+    """
+    def make(spec: dict) -> triton.Config:
+        spec = dict(spec)
+        return triton.Config(spec, num_warps=spec.pop("num_warps"), num_stages=spec.pop("num_stages", 2))
+
+    if interpreting():
+        return {"configs": [make({"num_warps": 1, **interp})]}
+    low_configs, fp32_configs = [make(c) for c in low], [make(c) for c in fp32]
+
+    def by_dtype(configs, named_args, **kwargs):
+        wanted = fp32_configs if named_args[dtype_arg].dtype == torch.float32 else low_configs
+        return [c for c in configs if any(c is w for w in wanted)]
+
+    return {"configs": low_configs + fp32_configs, "prune_configs_by": {"early_config_prune": by_dtype}}
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Raise a clear error when the tensors cannot go to the kernels in this mode."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+    # meta tensors reach only the custom ops' fake implementations (shapes, FLOP counts)
+    if device.type in ("cuda", "meta") or (device.type == "cpu" and interpreting()):
         return
     raise RuntimeError(
         f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; got {device}"

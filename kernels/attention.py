@@ -11,6 +11,9 @@ softmax(Q K^T * scale) V over [B, H, N, D] tensors without materialising the N x
 - Any N: every load and store is masked; keys past N get score -inf (weight 0), never score 0,
   which would still take part in the normalisation.
 - fp32/fp16/bf16 inputs, fp32 accumulation, output and gradients in the input dtype.
+- Registered as torch.library custom ops (segrepro::flash_attention_fwd/_bwd) with fake
+  tensors, autograd and FLOP formulas: usable under torch.compile, on the meta device and
+  under FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -20,42 +23,46 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from ._runtime import check_device, dot_precision, interpreting, on_device, upcast_tiles
+from ._runtime import autotune_configs, check_device, dot_precision, on_device, upcast_tiles
 
 _LOG2E = math.log2(math.e)
 _MAX_HEAD_DIM = 128
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
-    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU.
+def _tuning(low, fp32, interp):
+    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per dtype (see
+    _runtime.autotune_configs). BLOCK_M != BLOCK_N under the interpreter so that swapped
+    query/key masks would show."""
+    def spec(m, n, w, s):
+        return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
-    Under the interpreter there is nothing to tune and every extra config costs a full run, so
-    one small config is used; BLOCK_M != BLOCK_N so that swapped query/key masks would show.
-    """
-    if interpreting():
-        return [triton.Config({"BLOCK_M": interp[0], "BLOCK_N": interp[1]}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
-    ]
+    return autotune_configs([spec(*c) for c in low], [spec(*c) for c in fp32],
+                            {"BLOCK_M": interp[0], "BLOCK_N": interp[1]}, dtype_arg="Q")
 
 
 # BLOCK_M: queries per program, BLOCK_N: keys per inner step.
-_FWD_CONFIGS = _configs(
+_FWD_TUNING = _tuning(
     [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)],
+    [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
     interp=(64, 32),
 )
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per inner step.
-_DKDV_CONFIGS = _configs(
-    [(32, 64, 4, 3), (32, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2)], interp=(32, 64)
+_DKDV_TUNING = _tuning(
+    [(32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+    [(16, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2)],
+    interp=(32, 64),
 )
-_DQ_CONFIGS = _configs(
-    [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)], interp=(64, 32)
+_DQ_TUNING = _tuning(
+    [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)],
+    [(32, 16, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2)],
+    interp=(64, 32),
 )
 _PRE_BLOCK_M = 64
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.autotune(**_FWD_TUNING, key=["N", "HEAD_DIM"])
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
@@ -142,7 +149,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, tl.sum(o * do, axis=1), mask=offs_m < N)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.autotune(**_DKDV_TUNING, key=["N", "HEAD_DIM"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -209,7 +216,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.autotune(**_DQ_TUNING, key=["N", "HEAD_DIM"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -293,6 +300,27 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _fwd_args(q, k, v, o, lse, scale):
+    """The forward kernel's arguments: (positional, constexpr keywords); shared with kernels.compile."""
+    B, H, N, D = q.shape
+    return ((q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, N, scale * _LOG2E),
+            dict(HEAD_DIM=D, BLOCK_D=_block_d(D), UPCAST=upcast_tiles(q.dtype),
+                 DOT_PRECISION=dot_precision(q.dtype)))
+
+
+def _pre_args(o, do, delta):
+    B, H, N, D = o.shape
+    return (o, do, delta, *o.stride(), *do.stride(), H, N, D, _block_d(D), _PRE_BLOCK_M)
+
+
+def _bwd_args(q, k, v, do, scale):
+    """The dK/dV and dQ kernels' common arguments (after their own output pointers)."""
+    B, H, N, D = q.shape
+    return ((*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, N, scale * _LOG2E, scale),
+            dict(HEAD_DIM=D, BLOCK_D=_block_d(D), UPCAST=upcast_tiles(q.dtype),
+                 DOT_PRECISION=dot_precision(q.dtype)))
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,14 +328,8 @@ def attention_forward(
     B, H, N, D = q.shape
     o = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, N, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D),
-        UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-    )
+    args, meta = _fwd_args(q, k, v, o, lse, scale)
+    _attn_fwd_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*args, **meta)
     return o, lse
 
 
@@ -318,45 +340,85 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three backward kernels. Returns (dQ, dK, dV), contiguous, in q.dtype."""
     B, H, N, D = q.shape
-    block_d = _block_d(D)
-    upcast, precision = upcast_tiles(q.dtype), dot_precision(q.dtype)
     delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PRE_BLOCK_M), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, N,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_PRE_BLOCK_M,
-    )
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, _PRE_BLOCK_M), B * H)](*_pre_args(o, do, delta))
     dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *strides, H, N, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision,
-    )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *strides, H, N, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, UPCAST=upcast, DOT_PRECISION=precision,
-    )
+    args, meta = _bwd_args(q, k, v, do, scale)
+    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *args, **meta)
+    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """autograd wrapper: saves Q, K, V, O and the base-2 LSE; recomputes P in the backward."""
+def compile_launches(dtype: torch.dtype) -> list[tuple]:
+    """(kernel, positional args, constexpr keywords) of every kernel as launched on a zoo shape
+    (ViT-B/16 at 512: B=1, H=12, N=1025, D=64), on CPU tensors: what kernels.compile builds."""
+    q = torch.empty((1, 12, 1025, 64), dtype=dtype)
+    lse = torch.empty((1, 12, 1025), dtype=torch.float32)
+    args, meta = _bwd_args(q, q, q, q, 0.125)
+    return [
+        (_attn_fwd_kernel, *_fwd_args(q, q, q, q, lse, 0.125)),
+        (_attn_bwd_preprocess_kernel, _pre_args(q, q, lse), {}),
+        (_attn_bwd_dkdv_kernel, (q, q, q, q, lse, lse, q, q, *args), meta),
+        (_attn_bwd_dq_kernel, (q, q, q, q, lse, lse, q, *args), meta),
+    ]
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        with on_device(q):
-            o, lse = attention_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        with on_device(q):
-            dq, dk, dv = attention_backward(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+# The kernels as torch.library custom ops: opaque to autograd (register_autograd below),
+# traceable by torch.compile and on the meta device (register_fake), and counted by
+# torch.utils.flop_counter with the formulas torch uses for its own SDPA, so FlopCounterMode
+# counts the Triton path exactly as the torch path.
+@torch.library.custom_op("segrepro::flash_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device(q):
+        return attention_forward(q, k, v, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("segrepro::flash_attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with on_device(q):
+        return attention_backward(do, q, k, v, o, lse, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, _dlse):
+    # Saves Q, K, V, O and the base-2 LSE; the backward recomputes P (FlashAttention-2).
+    q, k, v, o, lse = ctx.saved_tensors
+    return (*_attention_bwd_op(do, q, k, v, o, lse, ctx.scale), None)
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.segrepro.flash_attention_fwd)
+def _fwd_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.segrepro.flash_attention_bwd)
+def _bwd_flops(do_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(do_shape, q_shape, k_shape, v_shape)
 
 
 def attention(
@@ -369,4 +431,4 @@ def attention(
     _check(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return FlashAttentionFunction.apply(q, k, v, float(scale))
+    return _attention_fwd_op(q, k, v, float(scale))[0]

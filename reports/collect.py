@@ -7,12 +7,16 @@ each kind (timings on a GPU, the interpreter correctness check without one) with
 
 Reproduced metrics that have a documented counterpart take the documented name in the long
 table (``ss/mIoU`` -> ``miou_ss``) so one pivot sets them side by side; every other metric
-keeps its MLflow name. The store is opened only once it is known to be an MLflow store, so a
-report never creates one. This module reads MLflow, ``harness.contract`` and ``harness.config``.
+keeps its MLflow name. Each run also carries the data it read (``data_identity``), how its logged
+settings differ from its recipe's full protocol (``protocol_gaps``) and its benchmarks' settings
+(``bench_settings``): what decides whether a figure may be set against a documented one. The
+store is opened only once it is known to be an MLflow store, so a report never creates one.
+This module reads MLflow, ``harness.contract`` and ``harness.config``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import tempfile
@@ -23,17 +27,32 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from harness import contract
-from harness.config import load_documented
+from harness.config import InputError, load_config, load_documented
 
 SOURCE = "segrepro"  # the source name of reproduced figures in the long table
 LONG_COLUMNS = ["config", "source", "metric", "value", "protocol", "profile", "run_id", "status"]
 COUNTERPART = {contract.SS_MIOU: "miou_ss", contract.MSFLIP_MIOU: "miou_msflip",
                contract.BENCH_PARAMS_M: "params", contract.BENCH_IMAGES_PER_S: "fps"}
 CURVE_METRICS = (contract.TRAIN_LOSS, contract.TRAIN_LR, contract.VAL_MIOU)
+DATA_COLUMNS = ["data", "val_data", "val_data_note", "data_root", "val_images", "train_images", "val_fingerprint"]
 RUN_COLUMNS = ["run_id", "start_time", "config", "recipe", "profile", "status", "error", "parent_run_id",
-               "training_id", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training"]
+               "training_id", "device", "ss_protocol", "msflip_protocol", "bench_protocol", "training",
+               "protocol_gaps", "bench", "bench_train", *DATA_COLUMNS]
 EVAL_COLUMNS = ["run_id", "start_time", "config", "checkpoint", "source", "protocol", "mode", "mIoU",
-                "protocol_text"]
+                "protocol_text", *DATA_COLUMNS]
+# What the report calls each kind of validation data (contract.VAL_DATA); runs logged before
+# the data was recorded are "not recorded"
+DATA_LABEL = {contract.VAL_ADE20K: "ADE20K val", contract.VAL_UNVERIFIED: "ADE20K val names, unverified",
+              contract.VAL_GENERATED: "generated", contract.VAL_OTHER: "other data", "": "not recorded"}
+# Config fields that do not change what a run measures: how often it logs, saves and validates,
+# loader workers, evaluation batch, the attention implementation (parity-tested equal), the
+# resolved weights' hash (the init tag says where training started) and the training precision
+# (the reference trains in fp32 "unless --amp"; provenance shows it). Every other model, data,
+# optim and eval field must be the full profile's for a figure to be set against a documented one.
+NOT_PROTOCOL = {"model.init", "model.init_sha256", "model.attention", "data.num_workers", "optim.amp",
+                "optim.eval_interval", "optim.checkpoint_interval", "optim.log_interval", "optim.seed",
+                "eval.batch_size"}
+PROTOCOL_SECTIONS = ("model.", "data.", "optim.", "eval.")
 # the columns of each kind of kernels CSV (kernels/profile.py's rows) that the report needs
 KERNEL_COLUMNS = {contract.KIND_KERNELS_PROFILE: ["kernel", "impl", "direction", "N", "tflops"],
                   contract.KIND_KERNELS_CHECK: ["shape", "dtype", "output", "max_abs_err", "limit", "passed"]}
@@ -177,6 +196,57 @@ def _metric_protocol(metric: str, run: pd.Series) -> str:
     return ""
 
 
+def data_identity(row: pd.Series) -> dict:
+    """The data a run read, from its tags (contract.VAL_DATA and the split tags)."""
+    kind = _tag(row, contract.VAL_DATA)
+    images = _tag(row, contract.VAL_IMAGES)
+    label = DATA_LABEL.get(kind, kind)
+    return {"data": f"{label} ({images} images)" if images else label, "val_data": kind,
+            "val_data_note": _tag(row, contract.VAL_DATA_NOTE), "data_root": _tag(row, contract.DATA_ROOT),
+            "val_images": images, "train_images": _tag(row, contract.TRAIN_IMAGES),
+            "val_fingerprint": _tag(row, contract.VAL_FINGERPRINT)}
+
+
+@functools.lru_cache(maxsize=None)
+def full_protocol(config: str, recipe: str) -> dict | None:
+    """The flattened config of ``config`` under ``recipe`` and the full profile, as the writer logs
+    it (strings), or None when it does not resolve (a configuration outside the zoo)."""
+    try:
+        cfg = load_config(config, recipe=recipe or None, profile="full")
+    except (InputError, OSError):
+        return None
+    return {k: str(v) for k, v in contract.flatten(cfg.to_dict()).items()}
+
+
+def protocol_gaps(row: pd.Series, config: str, recipe: str) -> str:
+    """How a run's logged settings differ from its recipe's full protocol ("" when they do not):
+    a figure is compared with a documented one only at the full protocol, whatever the profile
+    is called."""
+    full = full_protocol(config, recipe)
+    if full is None:
+        return f"no zoo configuration {config!r} to compare with"
+    gaps = [f"{k} {_param(row, k, 'not logged')} (full: {v})" for k, v in full.items()
+            if k.startswith(PROTOCOL_SECTIONS) and k not in NOT_PROTOCOL and _param(row, k, "not logged") != v]
+    if _tag(row, contract.INIT, "scratch").startswith("scratch"):
+        gaps.insert(0, "encoder from random init (full: ImageNet weights)")
+    return "; ".join(gaps)
+
+
+def _gpu(device: str) -> bool:
+    return device.startswith(("cuda", "GPU"))
+
+
+def bench_settings(row: pd.Series, prefix: str, size_key: str) -> dict:
+    """A benchmark's protocol params (``bench.*`` or ``bench_train.*``): device (a GPU named by the
+    run's device facts), precision, batch and image or crop size."""
+    device = _param(row, prefix + "device")
+    gpu_name = _param(row, contract.DEVICE_PREFIX + "gpu_name")
+    shown = f"GPU {gpu_name}" if _gpu(device) and gpu_name else device
+    return {"device": shown, "gpu": _gpu(device), "precision": _param(row, prefix + "precision"),
+            "batch": _param(row, prefix + "batch_size"), "size": _param(row, prefix + size_key),
+            "memory_kind": _param(row, prefix + "peak_memory_kind")}
+
+
 def _writer_gone(row: pd.Series) -> bool:
     """Whether a run tagged running was written by a process of this host that no longer exists
     (killed before anyone reran it; the next run in its directory closes it as KILLED)."""
@@ -215,6 +285,11 @@ def _config_runs(df: pd.DataFrame) -> pd.DataFrame:
             "ss_protocol": eval_protocol(row, multi_scale=False),
             "msflip_protocol": eval_protocol(row, multi_scale=True), "bench_protocol": bench_protocol(row),
             "training": training_provenance(row),
+            "protocol_gaps": protocol_gaps(row, _tag(row, contract.CONFIG) or _param(row, "name", "?"),
+                                           _tag(row, contract.RECIPE) or _param(row, "recipe")),
+            "bench": bench_settings(row, contract.BENCH_PREFIX, "image_size"),
+            "bench_train": bench_settings(row, contract.BENCH_TRAIN_PREFIX, "crop"),
+            **data_identity(row),
             **{k: row[k] for k in row.index if k.startswith("metrics.") and pd.notna(row[k])},
         })
     return pd.DataFrame(out) if out else pd.DataFrame(columns=RUN_COLUMNS)
@@ -233,7 +308,8 @@ def _eval_runs(df: pd.DataFrame) -> pd.DataFrame:
                     "checkpoint": _tag(row, contract.CHECKPOINT), "source": _tag(row, contract.SOURCE),
                     "protocol": _tag(row, contract.PROTOCOL), "mode": mode,
                     "mIoU": float(value) if value is not None and pd.notna(value) else float("nan"),
-                    "protocol_text": text + f", normalisation {_param(row, contract.NORMALIZATION_USED)}"})
+                    "protocol_text": text + f", normalisation {_param(row, contract.NORMALIZATION_USED)}",
+                    **data_identity(row)})
     return pd.DataFrame(out, columns=EVAL_COLUMNS)
 
 

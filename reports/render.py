@@ -10,7 +10,8 @@ import pandas as pd
 # Display formats by column: the figures' own precision, never more.
 _SPECIAL = {"final lr": "{:.2e}", "max abs error": "{:.2e}", "limit": "{:.1e}"}
 _INTEGER = {"last iteration", "best at iteration", "B", "H", "N", "D", "C"}
-_VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb"}
+_VERDICT_COLOUR = {"reproduced": "#d4edda", "below": "#f8d7da", "above": "#fff3cd", "failed": "#f5c6cb",
+                   "no verdict": "#e9ecef"}
 
 
 @dataclass
@@ -59,8 +60,16 @@ def markdown(title: str, header: list[str], sections: list[Section], notes: list
 
 
 def _colour_verdict(value: str) -> str:
-    colour = _VERDICT_COLOUR.get(value.split(":")[0])
+    colour = _VERDICT_COLOUR.get(value.split(":")[0].split(" (")[0])
     return f"background-color: {colour}" if colour else ""
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == "–"
+    return True
 
 
 def _styled(df: pd.DataFrame, uid: str) -> str:
@@ -70,13 +79,25 @@ def _styled(df: pd.DataFrame, uid: str) -> str:
     marked = [c for c in shown.columns if c.startswith("verdict") or c == "status"]
     if marked:
         styler = styler.map(_colour_verdict, subset=marked)
+    # Text reads left-aligned, figures right-aligned. A column holding a long unbroken token (a
+    # path, a hash) may break it anywhere; any other keeps its words whole, so the table fits
+    # the page without splitting a figure or a name.
+    text = [c for c in shown.columns if not shown[c].map(_is_number).all()]
+    if text:
+        styler = styler.set_properties(subset=text, **{"text-align": "left"})
+    unbroken = [c for c in shown.columns if shown[c].map(lambda v: max(map(len, v.split()), default=0)).max() > 24]
+    if unbroken:
+        styler = styler.set_properties(subset=unbroken, **{"overflow-wrap": "anywhere", "min-width": "10em"})
     return styler.to_html()
 
 
+# Every table fits the page: its text wraps (see _styled) and the views keep few enough columns
+# that figures stay whole.
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
-table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1600px; }
+table.report { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; max-width: 100%; }
+table.report th, table.report td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right;
+  vertical-align: top; }
 table.report th { background: #f2f2f2; }
 table.report td:first-child, table.report th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; }

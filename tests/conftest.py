@@ -58,3 +58,23 @@ def segrepro(capsys):
         out = capsys.readouterr()
         return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
     return run
+
+
+@pytest.fixture(scope="session")
+def official_val_layout():
+    """``make(root, count=2000)``: ROOT/ADEChallengeData2016 with the official ADE20K validation
+    names (a few bytes each: what is checked without the real data is names, count and the
+    download record) and one training pair; returns the dataset directory."""
+    from harness.data.fingerprint import ADE20K_VAL_IMAGES
+
+    def make(root: Path, count: int = ADE20K_VAL_IMAGES) -> Path:
+        base = Path(root) / "ADEChallengeData2016"
+        for kind, ext in (("images", "jpg"), ("annotations", "png")):
+            for split, names in (("validation", [f"ADE_val_{i:08d}" for i in range(1, count + 1)]),
+                                 ("training", ["ADE_train_00000001"])):
+                d = base / kind / split
+                d.mkdir(parents=True)
+                for name in names:
+                    (d / f"{name}.{ext}").write_bytes(f"{kind}/{name}".encode())
+        return base
+    return make

@@ -9,7 +9,7 @@ import pytest
 from harness.config import load_config
 from harness.data.fingerprint import split_fingerprint
 from harness.data.synth import synthesize
-from harness.identity import eval_key, training_id
+from harness.identity import bench_key, bench_settings, eval_key, training_id
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,19 @@ def test_training_identity_follows_the_weights_only(cfg):
     assert base not in ids and len(ids) == len(changed)
     assert training_id(cfg, "split-b") != base
     assert eval_key(base, "sha", {"mode": "ss"}, "val-a") != eval_key(base, "sha", {"mode": "ss"}, "val-b")
+
+
+def test_bench_key_covers_both_modes_settings(cfg):
+    base = bench_key("t", bench_settings(cfg, 1), "cpu")
+    # the per-worker batch of the training steps is no training setting: the key alone tells it
+    changed = [bench_settings(cfg, 2), bench_settings(_with(cfg, "bench", repeats=99), 1),
+               bench_settings(_with(cfg, "optim", amp="bf16"), 1), bench_settings(_with(cfg, "data", crop_size=32), 1)]
+    keys = {bench_key("t", b, "cpu") for b in changed}
+    assert base not in keys and len(keys) == len(changed)
+    assert bench_settings(cfg, 2)["train"] == {"crop": 64, "batch_size": cfg.optim.batch_size // 2, "precision": "fp32"}
+    # a benchmark settings record of before the training mode (no "train") is another key
+    old = {k: v for k, v in bench_settings(cfg, 1).items() if k != "train"}
+    assert bench_key("t", old, "cpu") != base
 
 
 def test_split_fingerprint_is_the_content_wherever_it_lies(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from harness.cli import main
 from harness.config import load_config
-from harness.data import DataError
+from harness.data.ade20k import DataError
 from harness.data.synth import synthesize
 from harness.data.fingerprint import CACHE_ENV
 from harness.preflight import format_report, full_data_check

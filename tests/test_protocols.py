@@ -105,4 +105,5 @@ def test_eval_under_each_protocol_and_the_released_checkpoints_view(tmp_path, ca
     assert row["under reference"] == pytest.approx(records["reference"]["mIoU"])
     assert row["under MMSeg"] == pytest.approx(records["mmseg"]["mIoU"])
     assert row["documented"] is None  # a fixture matches no zoo row
+    assert row["data"] == "generated (2 images)"  # each eval run records the data it read
     assert "Released checkpoints" in (tmp_path / "report" / "report.md").read_text()

@@ -2,6 +2,8 @@
 finished, bad input refused up front, and on a two-node Ray cluster with an MLflow server."""
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.contract import BENCH_TRAIN, BENCH_TRAIN_FIGURES, BENCH_TRAIN_PREFIX
 from harness.data.synth import synthesize
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
@@ -60,7 +63,10 @@ def _parents(uri):
                               order_by=["attributes.start_time ASC"])
 
 
-def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
+@pytest.fixture(scope="module")
+def resumed(env):
+    """A reproduce killed outright (SIGKILL) after its first checkpoint, then run again to the
+    end: the run directory, the arguments, the MLflow run before the rerun and the rerun."""
     run_dir = env["root"] / "killed"
     args = ["reproduce", "--configs", "tiny_test", "--profile", "tiny_long", "--data-root", str(env["data"]),
             "--run-dir", str(run_dir)]
@@ -77,9 +83,12 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
         proc.wait()
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     client, (child,) = _runs(uri)
-    assert child.data.tags["segrepro.status"] == "running"
+    return {"run_dir": run_dir, "args": args, "uri": uri, "child": child, "rerun": _segrepro(env, *args, "--json")}
 
-    res = _segrepro(env, *args, "--json")
+
+def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env, resumed):
+    run_dir, args, uri, child, res = (resumed[k] for k in ("run_dir", "args", "uri", "child", "rerun"))
+    assert child.data.tags["segrepro.status"] == "running"
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout)
     assert [o["status"] for o in out["outcomes"]] == ["finished"]
@@ -89,13 +98,24 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
     assert second.info.status == "FINISHED"
     client, (child2,) = _runs(uri)
     assert child2.info.run_id == child.info.run_id  # the interrupted run continued, curves and all
+    assert (child2.data.tags["segrepro.val_data"], child2.data.tags["segrepro.val_images"]) == ("generated", "2")
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
     assert max(steps) == 120
     # resumed from a checkpoint, not from zero: the first logged iteration appears once
     assert steps.count(min(steps)) == 1
-    final = ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s", "gpu_hours")
+    final = ("ss/mIoU", "msflip/mIoU", "bench/images_per_s", "bench/gflops", "wall_time_s", "gpu_hours",
+             *(f"{BENCH_TRAIN}/{figure}" for figure in BENCH_TRAIN_FIGURES))
     for key in final:
         assert len(client.get_metric_history(child.info.run_id, key)) == 1, key
+    # the training benchmark at the profile's crop and per-worker batch (one worker: the global batch)
+    m, params = child2.data.metrics, child2.data.params
+    assert m[f"{BENCH_TRAIN}/images_per_s"] == pytest.approx(2 / (m[f"{BENCH_TRAIN}/step_median_ms"] / 1e3))
+    assert m[f"{BENCH_TRAIN}/step_p90_ms"] >= m[f"{BENCH_TRAIN}/step_median_ms"] > 0
+    assert m[f"{BENCH_TRAIN}/peak_memory_mb"] > 0
+    protocol = {k[len(BENCH_TRAIN_PREFIX):]: v for k, v in params.items() if k.startswith(BENCH_TRAIN_PREFIX)}
+    assert "RSS" in protocol.pop("peak_memory_kind")
+    assert protocol == {"crop": "64", "batch_size": "2", "precision": "fp32", "device": "cpu",
+                        "threads": params["bench.threads"]}
     # wall time counts both attempts of training (the driver's ledger) and the evaluations
     (work,) = run_dir.glob("configs/tiny_test-*")
     train = json.loads((work / "train" / "train_result.json").read_text())
@@ -116,6 +136,59 @@ def test_killed_reproduce_resumes_and_a_finished_one_is_skipped(env):
     assert again.returncode == 0, again.stderr[-3000:]
     assert [o["status"] for o in json.loads(again.stdout)["outcomes"]] == ["skipped"]
     assert time.time() - start < 60
+
+
+def test_a_run_is_listed_and_its_run_dir_evaluates_and_benchmarks_as_reproduce_did(env, resumed, segrepro,
+                                                                                   monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGREPRO_EXPERIMENTS", env["env"]["SEGREPRO_EXPERIMENTS"])
+    assert resumed["rerun"].returncode == 0, resumed["rerun"].stderr[-3000:]
+    (work,) = resumed["run_dir"].glob("configs/tiny_test-*")
+    ss = json.loads((work / "ss_metrics.json").read_text())
+    bench = json.loads((work / "bench.json").read_text())
+    checkpoint = json.loads((work / "train" / "train_result.json").read_text())["checkpoint"]
+    files = {"ss": str(work / "ss_metrics.json"), "msflip": str(work / "msflip_metrics.json"),
+             "bench": str(work / "bench.json"), "log": str(work / "log.txt")}
+
+    # reproduce's outcome names the work, the checkpoint and the results
+    (outcome,) = json.loads(resumed["rerun"].stdout)["outcomes"]
+    assert (outcome["work_dir"], outcome["checkpoint"], outcome["files"]) == (str(work), checkpoint, files)
+    # each evaluation and the benchmark reported its count (the board's lines off a terminal)
+    board = resumed["rerun"].stderr
+    assert f"eval ss {ss['images']}/{ss['images']} img" in board, board[-3000:]
+    assert f"eval ms+flip {ss['images']}/{ss['images']} img" in board, board[-3000:]
+    assert re.search(r"bench (\d+)/\1 runs", board), board[-3000:]
+
+    # segrepro runs lists it from the work directories, with or without the MLflow store
+    copy = tmp_path / "no-store"
+    shutil.copytree(work, copy / "configs" / work.name)
+    for run_dir in (resumed["run_dir"], copy):
+        res = segrepro("runs", "--run-dir", run_dir, "--json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        (row,) = json.loads(res.stdout)["configs"]
+        assert (row["config"], row["status"], row["stage"], row["checkpoint"]) == ("tiny_test", "finished", "done",
+                                                                                     checkpoint)
+        assert (row["ss_mIoU"], row["images_per_s"], row["profile"]) == (ss["mIoU"], bench["images_per_s"],
+                                                                          "tiny_long")
+    res = segrepro("runs", "--run-dir", resumed["run_dir"])
+    assert checkpoint in res.stdout and "finished" in res.stdout, res.stdout
+
+    # the run directory as --checkpoint: its config, profile, protocol and data, exactly
+    res = segrepro("eval", "--checkpoint", work, "--out", tmp_path / "eval", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads(res.stdout)
+    assert (record["mIoU"], record["protocol"], record["images"]) == (ss["mIoU"], ss["protocol"], ss["images"])
+    res = segrepro("bench", "--checkpoint", work, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    proto = json.loads(res.stdout)["protocol"]
+    for key in ("batch_size", "precision", "image_size", "warmup", "repeats", "window", "stride"):
+        assert proto[key] == bench["protocol"][key], key
+    # ... unless told otherwise: another profile's protocol
+    from harness.config import load_config
+
+    res = segrepro("eval", "--checkpoint", work, "--profile", "full", "--limit", "1", "--out", tmp_path / "full",
+                   "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["protocol"]["window"] == load_config("tiny_test", profile="full").eval.window
 
 
 def _wait_for(predicate, proc, seconds: float, what: str) -> None:

@@ -94,10 +94,13 @@ def test_bench_stage_runs_alone_with_every_thread_of_its_node(cluster, tmp_path)
     ref = task.remote(3.0, str(marker))
     while not marker.exists():
         time.sleep(0.05)
-    after = run_bench(cfg, None)
+    after = run_bench(cfg, None, workers=cfg.optim.batch_size)  # training steps at batch 1: quick
     busy_start, busy_end = ray.get(ref)
-    assert after["protocol"]["load"]["from"] >= busy_end
-    assert after["protocol"]["threads"] == node_cpus
+    # inference, then training steps, both with every thread of the node
+    assert after["train"]["protocol"]["load"]["from"] >= after["inference"]["protocol"]["load"]["to"]
+    assert after["inference"]["protocol"]["load"]["from"] >= busy_end
+    assert [after[m]["protocol"]["threads"] for m in ("inference", "train")] == [node_cpus] * 2
+    assert after["train"]["protocol"]["batch_size"] == 1
 
     # the benchmark holding its node (from another driver thread): a task submitted meanwhile waits
     deadline = time.time() + 30
@@ -105,7 +108,7 @@ def test_bench_stage_runs_alone_with_every_thread_of_its_node(cluster, tmp_path)
         assert time.time() < deadline, "the CPUs were not given back"
         time.sleep(0.02)
     results = {}
-    bench = threading.Thread(target=lambda: results.update(bench=run_bench(cfg, None)))
+    bench = threading.Thread(target=lambda: results.update(bench=run_bench(cfg, None, cfg.optim.batch_size)))
     bench.start()
     while ray.available_resources().get("CPU", 0) > 0 and bench.is_alive():
         assert time.time() < deadline, "the benchmark never held every CPU"
@@ -113,8 +116,7 @@ def test_bench_stage_runs_alone_with_every_thread_of_its_node(cluster, tmp_path)
     assert bench.is_alive(), "the benchmark ended before it was seen holding every CPU"
     busy_start, _ = ray.get(task.remote(0.2, str(tmp_path / "second")))
     bench.join()
-    assert busy_start >= results["bench"]["protocol"]["load"]["to"]
-    assert results["bench"]["protocol"]["threads"] == node_cpus
+    assert busy_start >= results["bench"]["train"]["protocol"]["load"]["to"]
 
 
 def test_bench_protocol_reports_a_busy_process_beside_it():

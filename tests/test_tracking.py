@@ -96,16 +96,36 @@ def test_final_metrics_are_logged_once(store, cfg, tmp_path):
     assert tracker.client.get_run(run_id).data.metrics[contract.WALL_TIME] == 12.0
 
 
+def test_the_experiment_opens_in_mlflows_classic_view(store, tmp_path):
+    from harness.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    tracker = Tracker(store[0], tmp_path)
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_an_unwritable_store_is_refused_at_once(tmp_path):
+    with pytest.raises(InputError, match="is not a file"):
+        check_tracking_uri(f"sqlite:///{tmp_path}")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match="cannot create its directory"):
+        check_tracking_uri(f"sqlite:///{blocker}/mlflow.db")
+
+
 def test_log_dataset_tags_the_fingerprints_and_logs_dataset_inputs(store, cfg, tmp_path):
     tracker = Tracker(store[0], tmp_path)
     run_id = tracker.start_train(cfg)
-    fingerprints = {"training": "a" * 64, "validation": "b" * 64}
+    fingerprints = {"training": {"fingerprint": "a" * 64, "images": 3},
+                    "validation": {"fingerprint": "b" * 64, "images": 2}}
     for _ in range(2):  # a resumed run logs its dataset again: still one input per split
         tracker.log_dataset(run_id, tmp_path / "ade", fingerprints, "training")
     run = tracker.client.get_run(run_id)
     assert run.data.tags[contract.DATA_ROOT] == str((tmp_path / "ade").resolve())
     assert run.data.tags[contract.TRAIN_FINGERPRINT] == "a" * 64
     assert run.data.tags[contract.VAL_FINGERPRINT] == "b" * 64
+    assert (run.data.tags[contract.TRAIN_IMAGES], run.data.tags[contract.VAL_IMAGES]) == ("3", "2")
+    assert run.data.tags[contract.VAL_DATA] == contract.VAL_OTHER  # no such directory: not ADE20K val
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["ADE20K/training", "ADE20K/validation"]
     assert inputs["ADE20K/training"].dataset.digest == ("a" * 64)[:36]
@@ -125,7 +145,7 @@ def test_metrics_logger(store, cfg, tmp_path):
 
 def test_train_run_is_one_per_run_directory(store, cfg, tmp_path):
     uri, _ = store
-    data = (tmp_path / "data", "f" * 16, "t" * 16)
+    data = (tmp_path / "data", {"fingerprint": "f" * 16, "images": 4}, "t" * 16)
     assert train_run(cfg, tmp_path, None, None, *data) == (None, False)
     assert train_run(cfg, tmp_path, uri, "given", *data) == ({"uri": uri, "run_id": "given"}, False)
     tracking, owned = train_run(cfg, tmp_path, uri, None, *data)

@@ -1,15 +1,8 @@
-"""ADE20K data: dataset, recipe transforms, and the `segrepro data` commands.
+"""ADE20K data: dataset (``ade20k``), recipe transforms (``transforms``), fingerprints, and the
+``segrepro data`` commands (check, download, synth, bench: each ``add_arguments(parser)`` and
+``run(args) -> int``).
 
 Bottom of the import graph: nothing here imports the rest of the project but
-``harness.config.InputError`` (the base of ``DataError``). The CLI
-modules (check, download, synth, bench) each expose ``add_arguments(parser)`` and
-``run(args) -> int``.
+``harness.config.InputError`` (the base of ``DataError``). The package itself imports nothing,
+so a command that needs only one module does not pay for torchvision.
 """
-from .ade20k import (ADE20K, CLASSES, DATASET_DIRNAME, IGNORE_INDEX, NUM_CLASSES, PALETTE, DataError,
-                     colorize, dataset_dir, reduce_label)
-from .transforms import (RECIPES, build_test_transform, build_train_transform, loader_generator,
-                         seed_worker)
-
-__all__ = ["ADE20K", "CLASSES", "DATASET_DIRNAME", "DataError", "IGNORE_INDEX", "NUM_CLASSES", "PALETTE", "RECIPES",
-           "build_test_transform", "build_train_transform", "colorize", "dataset_dir",
-           "loader_generator", "reduce_label", "seed_worker"]

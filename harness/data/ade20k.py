@@ -17,6 +17,7 @@ import copy
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -114,7 +115,8 @@ def reduce_label(label: np.ndarray) -> np.ndarray:
     label = np.asarray(label)
     if label.dtype != np.uint8:
         raise TypeError(f"reduce_label expects a uint8 label map, got dtype {label.dtype}")
-    return _REDUCE_LUT[label]
+    # a table lookup, several times faster than numpy indexing (cv2 returns 1-D input as a column)
+    return cv2.LUT(label, _REDUCE_LUT).reshape(label.shape)
 
 
 def colorize(label_map: np.ndarray | torch.Tensor) -> Image.Image:
@@ -148,7 +150,8 @@ def load_image(path: Path) -> np.ndarray:
     """RGB uint8 HxWx3; grey or CMYK JPEGs are converted (MMSeg loads with color_type='color')."""
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+            # most ADE20K JPEGs are RGB already: convert() would only add a copy
+            return np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
 

@@ -66,8 +66,9 @@ def _check_pair(img: Path | None, lab: Path | None) -> list[Problem]:
 
 
 def check_dataset(root: str | Path, expect_full: bool | None = None, progress: bool = True,
-                  workers: int | None = None) -> list[Problem]:
+                  workers: int | None = None, counts: dict | None = None) -> list[Problem]:
     """All problems found in the dataset at ``root`` (see ``dataset_dir``); [] when clean.
+    ``counts``, where given, receives each split's ``{"images": N, "annotations": M}``.
 
     Every image and label is fully decoded (threads: PIL releases the GIL while decoding).
     """
@@ -77,7 +78,7 @@ def check_dataset(root: str | Path, expect_full: bool | None = None, progress: b
                                    "images/ and annotations/")]
     problems: list[Problem] = []
     jobs: list[tuple[Path | None, Path | None]] = []
-    counts = {}
+    sizes = {}
     for split in SPLITS:
         name_re = re.compile(rf"{SPLIT_PREFIX[split]}\d{{8}}")
         dirs = {kind: base / kind / split for kind in ("images", "annotations")}
@@ -103,10 +104,12 @@ def check_dataset(root: str | Path, expect_full: bool | None = None, progress: b
         for s in sorted(labs.keys() - imgs.keys()):
             problems.append(Problem(str(labs[s]), f"label has no image (expected {dirs['images'] / (s + '.jpg')})"))
         jobs += [(imgs.get(s), labs.get(s)) for s in sorted(imgs.keys() | labs.keys())]
-        counts[split] = len(imgs)
-    full = expect_full if expect_full is not None else any(n > FULL_SIZE_THRESHOLD for n in counts.values())
+        sizes[split] = len(imgs)
+        if counts is not None:
+            counts[split] = {"images": len(imgs), "annotations": len(labs)}
+    full = expect_full if expect_full is not None else any(n > FULL_SIZE_THRESHOLD for n in sizes.values())
     if full:
-        for split, n in counts.items():
+        for split, n in sizes.items():
             if n != OFFICIAL_SIZES[split]:
                 problems.append(Problem(str(base / "images" / split),
                                         f"{n} images, the official split has {OFFICIAL_SIZES[split]}"))
@@ -131,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"segrepro data check: --root {args.root}: no {DATASET_DIRNAME} directory there "
               "(expected the directory containing it, or the directory itself)", file=sys.stderr)
         return 2
+    counts: dict = {}
     problems = check_dataset(args.root, expect_full=True if args.strict else None,
-                             progress=not args.json)
+                             progress=not args.json, counts=counts)
     if args.json:
-        print(json.dumps({"root": str(dataset_dir(args.root)), "ok": not problems,
+        print(json.dumps({"root": str(dataset_dir(args.root)), "ok": not problems, "counts": counts,
                           "problems": [asdict(p) for p in problems]}, indent=1))
     else:
         for p in problems:
             print(p, file=sys.stderr)
-        print(f"{dataset_dir(args.root)}: " + (f"{len(problems)} problem(s)" if problems else "ok"))
+        found = "; ".join(f"{split} {c['images']} images, {c['annotations']} annotations"
+                          for split, c in counts.items())
+        print(f"{dataset_dir(args.root)}: " + (f"{len(problems)} problem(s)" if problems else "ok") +
+              (f" ({found})" if found else ""))
     return 1 if problems else 0

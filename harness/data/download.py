@@ -13,6 +13,8 @@ Files, all beside the dataset directory (``dataset_dir(root).parent``):
   directory and its ``ADEChallengeData2016`` renamed into place only when complete; a
   leftover from an interrupted run is removed by the next call.
 So ``ADEChallengeData2016`` exists only when complete: if it exists, download() returns it.
+It holds ``segrepro_download.json``: the archive's SHA-1 and its validation split's fingerprint,
+by which a later run tells the official split from other data (harness/data/fingerprint.py).
 
 Only the dataset's layout is extracted: files in
 ``ADEChallengeData2016/{images,annotations}/{training,validation}/``. The directory entries
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from harness.config import InputError
 
 from .ade20k import DATASET_DIRNAME, SPLITS, dataset_dir
+from .fingerprint import write_download_record
 
 OFFICIAL_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 OFFICIAL_SHA1 = "219e1696abb36c8ba3a3afe7fb2f4b4606a897c7"
@@ -142,7 +145,7 @@ def _dataset_members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo
     return keep
 
 
-def _extract(archive: Path, target: Path, progress: bool) -> None:
+def _extract(archive: Path, target: Path, progress: bool, sha1: str, url: str) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = _dataset_members(zf, archive)
@@ -153,6 +156,8 @@ def _extract(archive: Path, target: Path, progress: bool) -> None:
             try:
                 for member in tqdm(members, desc="extract", unit="file", disable=not progress):
                     zf.extract(member, tmp)
+                # what a later run verifies the validation split against (harness.data.fingerprint.val_data)
+                write_download_record(tmp / DATASET_DIRNAME, sha1, url)
                 os.replace(tmp / DATASET_DIRNAME, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -197,9 +202,10 @@ def download(root: str | Path, url: str = OFFICIAL_URL, sha1: str = OFFICIAL_SHA
             if attempt < retries:
                 time.sleep(retry_wait * 2 ** attempt)
         else:
+            # a transfer refused before its first byte leaves no .part to name
             kept = part.stat().st_size if part.exists() else 0
-            raise DownloadError(f"{url}: transfer failed after {retries + 1} attempt(s) ({reason}); "
-                                f"{kept} bytes kept in {part}; run again to resume")
+            held = f"{kept} bytes kept in {part}; run again to resume" if kept else "nothing received; run again"
+            raise DownloadError(f"{url}: transfer failed after {retries + 1} attempt(s) ({reason}); {held}")
         got = sha1_of(part)
         if got != sha1:
             os.replace(part, bad)
@@ -212,7 +218,7 @@ def download(root: str | Path, url: str = OFFICIAL_URL, sha1: str = OFFICIAL_SHA
             os.replace(archive, bad)
             raise DownloadError(f"{archive}: SHA-1 {got} does not match the expected {sha1}; "
                                 f"moved to {bad}")
-    _extract(archive, target, progress)
+    _extract(archive, target, progress, sha1, url)
     if not keep_archive:
         archive.unlink()
     return target

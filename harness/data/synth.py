@@ -107,7 +107,7 @@ def synthesize(root: str | Path, train: int = 200, val: int = 50, size: tuple[in
         raise ValueError(f"classes must be in 1..{NUM_CLASSES}, got {classes}")
     target = dataset_dir(root)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite=True / remove it first)")
+        raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it, or remove it first)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.synth-", dir=target.parent))
     try:

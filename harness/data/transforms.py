@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
@@ -29,7 +30,9 @@ RECIPES = ("reference", "mmseg", "paddlevit")
 
 
 def _as_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator):
+    if hasattr(rng, "integers"):
+        # a numpy Generator, or anything drawing like one (tests replay MMSeg's legacy
+        # np.random stream through such an object)
         return rng
     if isinstance(rng, torch.Generator):
         return np.random.default_rng(int(torch.randint(0, 2**63 - 1, (1,), generator=rng)))
@@ -95,25 +98,68 @@ def _pad_to(img: torch.Tensor, lab: torch.Tensor, h: int, w: int, img_fill) -> t
 
 
 # ---------------------------------------------------------------- MMSeg / reference recipe
+# Both recipes run mmcv's transforms (the reference through MMSeg 0.x, "mmseg" through 1.2.2;
+# same arithmetic). They are reproduced on HxWx3 uint8 numpy arrays with the same OpenCV calls,
+# so the pixels are mmcv's exactly (tests/data/fixtures/mmseg_pipeline). The image stays RGB:
+# every step is channel-order agnostic except HSV, where COLOR_RGB2HSV on RGB equals mmcv's
+# bgr2hsv (COLOR_BGR2HSV) on BGR.
 
-def _clip_u8(x: torch.Tensor) -> torch.Tensor:
-    # float -> uint8 by clipping then truncating, like MMSeg's convert() (astype(np.uint8)).
-    return x.clamp_(0, 255).to(torch.uint8)
+def _convert_lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """PhotoMetricDistortion.convert (float32 x alpha + beta, clip to 0..255, astype uint8:
+    truncation) evaluated on every uint8 value, so cv2.LUT applies it exactly."""
+    v = np.arange(256, dtype=np.float32)
+    return np.clip(v * alpha + beta, 0, 255).astype(np.uint8)
 
 
-def _scale_saturation(img: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Scale HSV saturation by alpha (clipped at 1), hue and value kept.
+def _hsv_lut(channel: int, lut: np.ndarray) -> np.ndarray:
+    # 3-channel LUT for cv2.LUT: ``lut`` on one HSV channel, identity on the others.
+    out = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    out[:, channel] = lut
+    return out[None]
 
-    With V = max(r,g,b) fixed, S' = alpha*S moves every channel towards V by the same
-    factor: c' = V - k (V - c), k = min(alpha, V / (V - min)). This is MMSeg's
-    bgr2hsv -> S*alpha -> hsv2bgr without the uint8 round trip through OpenCV's HSV.
+
+def _hsv_step(img: np.ndarray, channel: int, lut: np.ndarray) -> np.ndarray:
+    # mmcv.bgr2hsv -> one channel changed -> mmcv.hsv2bgr (uint8 HSV, H in 0..179).
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    return cv2.cvtColor(cv2.LUT(hsv, _hsv_lut(channel, lut)), cv2.COLOR_HSV2RGB)
+
+
+def photometric_distortion(img: np.ndarray, rng) -> np.ndarray:
+    """MMSeg PhotoMetricDistortion (0.x and 1.2.2) on an RGB uint8 HxWx3 array.
+
+    Draws in MMSeg's order: brightness (randint(2), then beta ~ U(-32, 32)), mode = randint(2),
+    contrast first if mode == 1 (alpha ~ U(0.5, 1.5)), saturation (S x U(0.5, 1.5)), hue
+    (H + randint(-18, 18), mod 180, upper bound excluded as numpy's randint does), contrast
+    last if mode == 0. Each step with probability 0.5, uint8 in between.
     """
-    x = img.float()
-    v = x.amax(dim=0, keepdim=True)
-    spread = v - x.amin(dim=0, keepdim=True)
-    k = torch.where(spread > 0, torch.clamp(v / spread.clamp(min=1e-6), max=alpha),
-                    torch.ones_like(v))
-    return _clip_u8((v - k * (v - x)).round_())
+    rng = _as_rng(rng)
+
+    def contrast(x):
+        return cv2.LUT(x, _convert_lut(alpha=rng.uniform(0.5, 1.5))) if rng.integers(2) else x
+
+    if rng.integers(2):
+        img = cv2.LUT(img, _convert_lut(beta=rng.uniform(-32, 32)))
+    mode = rng.integers(2)
+    if mode == 1:
+        img = contrast(img)
+    if rng.integers(2):
+        img = _hsv_step(img, 1, _convert_lut(alpha=rng.uniform(0.5, 1.5)))
+    if rng.integers(2):
+        delta = int(rng.integers(-18, 18))
+        img = _hsv_step(img, 0, ((np.arange(256) + delta) % 180).astype(np.uint8))
+    if mode == 0:
+        img = contrast(img)
+    return img
+
+
+def _normalize_hwc(img: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 HxWx3 -> float32 3xHxW (x - mean) / std, in place on one buffer: MMSeg 1.x's
+    SegDataPreProcessor. The reference's MMSeg 0.x Normalize (mmcv.imnormalize: cv2.subtract of
+    the float32 mean, cv2.multiply by 1 / std in double) gives the same values (the parity test
+    checks both)."""
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    return x.sub_(torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)).div_(
+        torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
 class MMSegTrainTransform:
@@ -121,7 +167,8 @@ class MMSegTrainTransform:
 
     Resize(img_scale=scale, ratio_range, keep_ratio=True) -> RandomCrop(crop,
     cat_max_ratio) -> RandomFlip(0.5) -> PhotoMetricDistortion -> Normalize ->
-    Pad(crop, pad_val=0, seg_pad_val=255). Bilinear for the image, nearest for the label.
+    Pad(crop, pad_val=0, seg_pad_val=255). Bilinear for the image, nearest for the label,
+    both cv2.resize as mmcv.imrescale calls it.
     """
 
     def __init__(self, crop_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
@@ -135,70 +182,66 @@ class MMSegTrainTransform:
         self.flip_prob, self.photometric = flip_prob, photometric
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
+        img, lab = self.augment(image, label, rng)
+        img = _normalize_hwc(img, self.mean, self.std)
+        lab = torch.from_numpy(np.ascontiguousarray(lab))
+        ch, cw = self.crop
+        h, w = lab.shape
+        if h < ch or w < cw:
+            # MMSeg pads after normalising, bottom/right only: image 0, label 255.
+            img = torch.nn.functional.pad(img, (0, max(cw - w, 0), 0, max(ch - h, 0)), value=0.0)
+            lab = torch.nn.functional.pad(lab, (0, max(cw - w, 0), 0, max(ch - h, 0)), value=IGNORE_INDEX)
+        return img, lab.long()
+
+    def augment(self, image: np.ndarray, label: np.ndarray, rng=None) -> tuple[np.ndarray, np.ndarray]:
+        """Resize, crop, flip and photometric distortion: uint8 HxWx3 RGB and HxW label, before
+        normalisation and padding (what MMSeg's pipeline hands to its data preprocessor)."""
         rng = _as_rng(rng)
-        img, lab = _to_tensors(image, label)
-        img, lab = self._resize(img, lab, rng)
-        img, lab = self._random_crop(img, lab, rng)
+        img, lab = self._resize(image, label, rng)
+        y0, y1, x0, x1 = self._crop_box(lab, rng)
+        img, lab = img[y0:y1, x0:x1], lab[y0:y1, x0:x1]
         if rng.random() < self.flip_prob:
-            img, lab = F.hflip(img), F.hflip(lab)
+            img, lab = cv2.flip(img, 1), cv2.flip(lab, 1)
         if self.photometric:
-            img = self._photometric(img, rng)
-        img = normalize(img, self.mean, self.std)
-        img, lab = _pad_to(img, lab, *self.crop, img_fill=0.0)
-        return img, lab[0].long()
+            img = photometric_distortion(np.ascontiguousarray(img), rng)
+        return img, lab
 
     def _resize(self, img, lab, rng):
-        # MMSeg Resize.random_sample_ratio: r ~ U(lo, hi), target (int(2048 r), int(512 r)).
+        # MMSeg Resize.random_sample_ratio / mmcv RandomResize: r ~ U(lo, hi), target
+        # (int(2048 r), int(512 r)); then mmcv.imrescale (cv2.resize, INTER_LINEAR without
+        # antialiasing for the image, INTER_NEAREST for the label).
         lo, hi = self.ratio_range
         r = rng.random() * (hi - lo) + lo
         target = (int(self.scale[0] * r), int(self.scale[1] * r))
-        size = list(rescale_size(img.shape[-2], img.shape[-1], target))
-        # antialias=False: mmcv/cv2 INTER_LINEAR does not low-pass when shrinking.
-        img = F.resize(img, size, interpolation=BILINEAR, antialias=False)
-        lab = F.resize(lab, size, interpolation=NEAREST)
-        return img, lab
+        h, w = rescale_size(img.shape[0], img.shape[1], target)
+        if (h, w) == img.shape[:2]:
+            return img, lab
+        return (cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR),
+                cv2.resize(lab, (w, h), interpolation=cv2.INTER_NEAREST))
 
-    def _crop_box(self, h, w, rng):
+    def _draw_box(self, h, w, rng):
         ch, cw = self.crop
         y = int(rng.integers(0, max(h - ch, 0) + 1))
         x = int(rng.integers(0, max(w - cw, 0) + 1))
         return y, y + ch, x, x + cw
 
-    def _random_crop(self, img, lab, rng):
+    def _crop_box(self, lab, rng):
         # MMSeg RandomCrop: redraw the box up to crop_tries times while one class covers
         # >= cat_max_ratio of the labelled pixels of the crop or fewer than 2 classes are
         # present; after the last failed try the next drawn box is used unchecked.
-        h, w = lab.shape[-2:]
-        box = self._crop_box(h, w, rng)
+        h, w = lab.shape
+        box = self._draw_box(h, w, rng)
         if self.cat_max_ratio < 1.0:
             for _ in range(self.crop_tries):
                 y0, y1, x0, x1 = box
-                counts = torch.bincount(lab[0, y0:y1, x0:x1].reshape(-1).long(), minlength=256)
-                counts = counts[:IGNORE_INDEX]
+                # cv2.calcHist counts uint8 values far faster than np.unique / np.bincount.
+                hist = cv2.calcHist([lab[y0:y1, x0:x1]], [0], None, [256], [0, 256])
+                counts = hist[:IGNORE_INDEX, 0].astype(np.int64)
                 counts = counts[counts > 0]
-                if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                     break
-                box = self._crop_box(h, w, rng)
-        y0, y1, x0, x1 = box
-        return img[:, y0:y1, x0:x1], lab[:, y0:y1, x0:x1]
-
-    @staticmethod
-    def _photometric(img, rng):
-        # MMSeg PhotoMetricDistortion: brightness +U(-32,32); contrast xU(0.5,1.5) first
-        # (mode 1) or last (mode 0); saturation xU(0.5,1.5); hue + randint(-18,18) in
-        # OpenCV units of 2 degrees. Each step with probability 0.5, uint8 in between.
-        if rng.integers(2):
-            img = _clip_u8(img.float() + rng.uniform(-32, 32))
-        mode = rng.integers(2)
-        if mode == 1 and rng.integers(2):
-            img = _clip_u8(img.float() * rng.uniform(0.5, 1.5))
-        if rng.integers(2):
-            img = _scale_saturation(img, rng.uniform(0.5, 1.5))
-        if rng.integers(2):
-            img = F.adjust_hue(img, int(rng.integers(-18, 18)) / 180.0)
-        if mode == 0 and rng.integers(2):
-            img = _clip_u8(img.float() * rng.uniform(0.5, 1.5))
-        return img
+                box = self._draw_box(h, w, rng)
+        return box
 
 
 # ---------------------------------------------------------------- PaddleViT recipe
@@ -242,14 +285,15 @@ class PaddleViTTrainTransform:
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng=None):
         rng = _as_rng(rng)
-        img, lab = _to_tensors(image, label)
         lo, hi = self.scale_range
         s = rng.random() * (hi - lo) + lo
-        h, w = img.shape[-2:]
-        size = [round(s * w), round(s * h)] if self.swap_hw else [round(s * h), round(s * w)]
-        # PaddleViT resizes the float32 image (cv2 reads float), so no uint8 rounding here.
-        img = F.resize(img.float(), size, interpolation=BILINEAR, antialias=False)
-        lab = F.resize(lab, size, interpolation=NEAREST)
+        h, w = image.shape[:2]
+        oh, ow = (round(s * w), round(s * h)) if self.swap_hw else (round(s * h), round(s * w))
+        # PaddleViT resizes the float32 image (cv2 reads float), so no uint8 rounding here;
+        # the same cv2.resize calls as paddle's functional_cv2.resize.
+        img = cv2.resize(image.astype(np.float32), (ow, oh), interpolation=cv2.INTER_LINEAR)
+        lab = cv2.resize(label, (ow, oh), interpolation=cv2.INTER_NEAREST)
+        img, lab = _to_tensors(img, lab)
         ch, cw = self.crop
         img, lab = _pad_to(img, lab, ch, cw, img_fill=self.im_pad_value)
         y = int(rng.integers(0, img.shape[-2] - ch + 1))
@@ -334,10 +378,13 @@ def build_test_transform(test_scale: int, mean: Sequence[float], std: Sequence[f
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed Python's and NumPy's global RNGs from the
     worker's torch seed (base_seed + worker_id, with base_seed drawn from the loader's
-    generator), so code that uses the global RNGs is reproducible too."""
+    generator), so code that uses the global RNGs is reproducible too; OpenCV single-threaded."""
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
+    # One thread per worker, as torch does in workers and mmengine does for OpenCV
+    # (env_cfg opencv_num_threads=0): the workers are the parallelism.
+    cv2.setNumThreads(0)
 
 
 def loader_generator(seed: int, epoch: int = 0, rank: int = 0) -> torch.Generator:

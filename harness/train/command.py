@@ -51,21 +51,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"{cfg.name} ({cfg.recipe} recipe, {cfg.profile} profile): {cfg.optim.iterations} iterations at "
               f"global batch {cfg.optim.batch_size} in {cfg.optim.amp} on {args.workers} worker(s); "
               f"run directory {run_dir}\n  encoder init: {weights.describe(cfg, found, requested)}", file=sys.stderr)
+    from harness.data.ade20k import DataError
     from harness.train.driver import train
 
+    args.run_dir = run_dir  # the error boundary writes its log there (harness/errors.py)
+    rerun = " ".join(sys.argv[1:]) if "--resume" in sys.argv else " ".join([*sys.argv[1:], "--resume"])
     with interrupt.handling_sigint():
         try:
             out = train(cfg, args.data_root, run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                         address=args.address, resume=args.resume, backbone_weights=found.path if found else None,
                         tracking_uri=args.tracking_uri)
+        except DataError as e:
+            raise DataError(f"{e}; then rerun `segrepro {rerun}` to continue from the last checkpoint") from e
         except Exception as e:
             if isinstance(e, InputError) or not (interrupt.requested() or interrupt.wait(2)):
                 raise
-            argv = " ".join(sys.argv[1:]) if "--resume" in sys.argv else " ".join([*sys.argv[1:], "--resume"])
-            raise interrupt.Interrupted(f"interrupted; rerun `segrepro {argv}` to continue from the last "
+            raise interrupt.Interrupted(f"interrupted; rerun `segrepro {rerun}` to continue from the last "
                                         f"checkpoint") from None
     if args.json:
         print(json.dumps(out, indent=2))
+    elif out.get("already_finished"):
+        print(f"{cfg.name}: already finished at iteration {out['iterations']} (trained earlier in "
+              f"{out['wall_time_s']:.0f} s); nothing was trained\n  checkpoint {out['checkpoint']}")
     else:
         val = out.get("val") or {}
         miou = f", val mIoU {val['val/mIoU']:.2f}" if val else ""

@@ -26,13 +26,13 @@ from typing import Sequence
 from harness import interrupt, weights
 from harness.atomic import write_json
 from harness.config import Config, InputError
-from harness.data import ADE20K, DataError
+from harness.data.ade20k import ADE20K, DataError
 from harness.data.fingerprint import split_fingerprint
 from harness.identity import training_id, training_settings
 from harness.lock import RunLock
 from harness.tracking import end_train_run, train_run
 from harness.train.checkpoint import MODEL_FILE, Saved, Unusable, check_resumable, newest, verify
-from harness.train.loop import Progress, format_progress, ray_worker
+from harness.train.loop import PLACEMENT_GROUP, Progress, format_progress, ray_worker
 from harness.train.session import Hook
 
 
@@ -61,6 +61,22 @@ def _check_inputs(cfg: Config, data_root, workers: int, gpus_per_worker: float) 
             raise InputError(f"--data-root {data_root}: {e}") from None
 
 
+def _data_error_message(cfg: Config, data_root: Path, error: str) -> str:
+    """The bad file first and relative to the dataset (a report's status cell keeps the start of a
+    message), then why, then how to find every other bad file."""
+    from harness.data.ade20k import dataset_dir
+
+    path, _, reason = error.partition(": ")  # a DataError's message starts with its path
+    base = dataset_dir(data_root)
+    try:
+        shown = str(Path(path).relative_to(base))
+    except ValueError:
+        shown, base = path, None
+    where = f"; in {base}" if base else ""
+    return (f"{cfg.name}: bad dataset file {shown}: {reason}{where}; `segrepro data check --root {data_root}` "
+            f"lists every unreadable file: replace or remove them")
+
+
 def _drain(queue, stop: threading.Event, callback: Progress) -> None:
     from ray.util.queue import Empty
 
@@ -74,6 +90,24 @@ def _drain(queue, stop: threading.Event, callback: Progress) -> None:
             if interrupt.requested():  # Ctrl-C stopped Ray, the queue's actor with it
                 return
             raise
+
+
+def release_placement_groups(ids: Sequence[str]) -> None:
+    """Remove the workers' placement groups that outlived their fit.
+
+    Ray Train removes them when a run ends, except where its controller itself failed (a worker
+    killed by Ray's memory monitor, say); its safety net, the PlacementGroupCleaner, asks the
+    state API, which needs the dashboard that segrepro's embedded Ray does not run. A group left
+    behind holds its CPUs for good, and the benchmark, which waits for a free node, waits forever."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    if not ray.is_initialized():  # Ctrl-C stopped Ray, and its groups with it
+        return
+    for hex_id in ids:
+        group = PlacementGroup(ray.PlacementGroupID.from_hex(hex_id))
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
 
 
 def _print_progress(record: dict) -> None:
@@ -176,7 +210,8 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
     (last train record), ``val`` (last validation), ``wall_time_s`` (summed over ``attempts``),
     ``attempts``, ``run_dir``, ``data_root``, ``training_id``, ``train_fingerprint`` (the
     training split's, harness/data/fingerprint.py), ``config``, ``recipe``, ``profile``,
-    ``mlflow_run_id``, ``init``, ``init_sha256``, ``amp``, ``backbone_file``.
+    ``mlflow_run_id``, ``init``, ``init_sha256``, ``amp``, ``backbone_file``; resuming a run
+    that already finished trains nothing and returns its saved result with ``already_finished``.
     """
     _check_inputs(cfg, data_root, workers, gpus_per_worker)
     run_dir, data_root = Path(run_dir).resolve(), Path(data_root).resolve()
@@ -186,6 +221,9 @@ def train(cfg: Config, data_root: str | os.PathLike, run_dir: str | os.PathLike,
         if not resume and ((run_dir / LEDGER_FILE).exists() or (run_dir / RAY_DIR).exists()):
             raise InputError(f"--run-dir {run_dir} already holds a training run; pass --resume to continue it "
                              f"or choose another --run-dir")
+        done = finished_result(run_dir, cfg, data_root) if resume else None
+        if done is not None:  # resuming a finished run trains nothing; its result stands
+            return {**done, "already_finished": True}
         resume_from = resume_point(run_dir, cfg)
         ray_run = _next_ray_run(run_dir)
         ledger = _Ledger(run_dir / LEDGER_FILE, ray_run)
@@ -222,14 +260,22 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
     from harness.raylib import ensure_ray
     from harness.stages import policy
 
-    fingerprint = split_fingerprint(data_root, "training")["fingerprint"]  # cached: train() computed it
+    fingerprint = split_fingerprint(data_root, "training")  # cached: train() computed it
     tracking, owns_run = train_run(cfg, run_dir, tracking_uri, mlflow_run_id, data_root, fingerprint,
-                                   training_id(cfg, fingerprint))
+                                   training_id(cfg, fingerprint["fingerprint"]))
 
     ensure_ray(address)
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
-    drainer = threading.Thread(target=_drain, args=(queue, stop, progress), daemon=True)
+    placement_groups: list[str] = []
+
+    def receive(record: dict) -> None:
+        if PLACEMENT_GROUP in record:
+            placement_groups.append(record[PLACEMENT_GROUP])
+        else:
+            progress(record)
+
+    drainer = threading.Thread(target=_drain, args=(queue, stop, receive), daemon=True)
     drainer.start()
     use_gpu = gpus_per_worker > 0
     resources = policy(gpus_per_worker=gpus_per_worker).train.bundle()
@@ -262,8 +308,9 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
             end_train_run(tracking, error, killed=interrupt.requested(),
                           last_checkpoint=str(last.path / MODEL_FILE) if last else None)
         queue.shutdown(force=True)  # drained: the thread exits only on an empty queue
+        release_placement_groups(placement_groups)
     if data_error:
-        raise DataError(f"{cfg.name}: training stopped on a bad dataset file: {data_error}")
+        raise DataError(_data_error_message(cfg, data_root, data_error))
     # Ray holds a checkpoint only where one was reported in this attempt; else it resumed at the end
     final = Path(result.checkpoint.path) if result.checkpoint else resume_from.path
     return dict(result.return_value), tracking, final

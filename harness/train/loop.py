@@ -8,6 +8,7 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 from harness import weights
 from harness.config import Config, InputError
-from harness.data import ADE20K, IGNORE_INDEX, DataError, build_train_transform, loader_generator, seed_worker
+from harness.data.ade20k import ADE20K, IGNORE_INDEX, DataError
+from harness.data.transforms import build_train_transform, loader_generator, seed_worker
 from harness.evaluate import Protocol, all_reduce_confusion, evaluate_dataset, model_predictor
 from harness.models import build_model, load_backbone_weights
 from harness.optim import build_optimizer
@@ -104,6 +106,30 @@ def precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, to
     Only fp16 scales the loss: for any other precision the scaler is disabled, a pass-through."""
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.amp) if device.type == "cuda" else None
     return amp, torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+
+
+@dataclass
+class Training:
+    """What one worker trains with: the model on its device, optimiser, schedule, autocast dtype
+    (None: fp32) and gradient scaler."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    amp: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+
+def build_training(cfg: Config, device: torch.device) -> Training:
+    """The model (seeded with ``cfg.optim.seed``: the same initial weights on every rank),
+    optimiser, schedule and precision of ``cfg`` on ``device``; the training loop and the
+    training benchmark both build their step with it."""
+    seed_everything(cfg.optim.seed)
+    model = build_model(cfg.model)
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    amp, scaler = precision(cfg, device)
+    return Training(model, optimizer, scheduler, amp, scaler)
 
 
 def train_step(net: torch.nn.Module, model: torch.nn.Module, batch: dict, optimizer, scheduler,
@@ -205,11 +231,8 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     if cfg.model.init == "pretrained" and not backbone_weights:
         raise InputError(weights.missing_message(cfg))
     # The same seed on every rank: identical initial weights (DDP broadcasts rank 0's anyway).
-    seed_everything(o.seed)
-    model = build_model(cfg.model)
-    model.to(device)
-    optimizer, scheduler = build_optimizer(model, cfg)
-    amp, scaler = precision(cfg, device)
+    built = build_training(cfg, device)
+    model, optimizer, scheduler, amp, scaler = built.model, built.optimizer, built.scheduler, built.amp, built.scaler
     seed_everything(o.seed + rank)  # dropout / drop-path differ across ranks
     with session.latest_checkpoint() as ckpt_dir:
         state = restore(ckpt_dir, rank, model, cfg, optimizer, scheduler, scaler) if ckpt_dir else TrainState()
@@ -277,10 +300,19 @@ def train_loop(cfg: Config, data_root: str | os.PathLike, session: Session, *,
     return {"iterations": state.iteration, "start_iteration": start, "metrics": metrics, "val": state.val}
 
 
+# the one record rank 0 sends before any progress: the id of its worker group's placement group
+PLACEMENT_GROUP = "placement_group"
+
+
 def ray_worker(config: dict) -> dict:
+    import ray.util
+
     queue = config["queue"]
     session = RaySession(config["resume_from"], config["hooks"])
     progress = queue.put if session.rank == 0 else None
+    group = ray.util.get_current_placement_group()
+    if progress and group:  # so the driver can release the group should Ray Train leave it behind
+        progress({PLACEMENT_GROUP: group.id.hex()})
     try:
         return train_loop(config["cfg"], config["data_root"], session, backbone_weights=config["backbone_weights"],
                           tracking=config["tracking"], progress=progress)

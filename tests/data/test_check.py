@@ -23,6 +23,11 @@ def test_generated_dataset_passes(synth_root, capsys):
     assert check.run(_args(synth_root, json=True)) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["problems"] == []
+    n = {split: len(list((synth_root / BASE / "images" / split).iterdir())) for split in ("training", "validation")}
+    assert out["counts"] == {split: {"images": k, "annotations": k} for split, k in n.items()}
+    assert check.run(_args(synth_root)) == 0
+    assert (f"ok (training {n['training']} images, {n['training']} annotations; validation {n['validation']} "
+            f"images, {n['validation']} annotations)") in capsys.readouterr().out
 
 
 def _missing_label(base):

@@ -2,7 +2,9 @@
 import argparse
 import hashlib
 import io
+import json
 import re
+import socket
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +15,7 @@ from harness import cli
 from harness.data import download as dl
 from harness.data.check import check_dataset
 from harness.data.download import ARCHIVE_NAME, METADATA_FILES, DownloadError, download
+from harness.data.fingerprint import DOWNLOAD_RECORD
 from harness.data.synth import METADATA_FILE
 
 BASE = "ADEChallengeData2016"
@@ -109,7 +112,9 @@ def test_good_archive(tmp_path, server, archive):
     out = fetch(tmp_path, server, sha1(archive))
     assert out == tmp_path / BASE
     assert check_dataset(out, progress=False) == []
-    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images"]  # metadata files skipped
+    # the archive's metadata files skipped; the record of the archive it came from written
+    assert sorted(p.name for p in out.iterdir()) == ["annotations", "images", DOWNLOAD_RECORD]
+    assert json.loads((out / DOWNLOAD_RECORD).read_text())["archive_sha1"] == sha1(archive)
     assert leftovers(tmp_path) == [BASE]  # no .part, no zip, no temp dir
     assert server.ranges == [None]
     # Already complete: nothing is fetched again; the dataset dir itself is accepted as root.
@@ -203,6 +208,15 @@ def test_complete_part_is_not_fetched_again(tmp_path, server, archive):
     fetch(tmp_path, server, sha1(archive))
     assert server.ranges == [f"bytes={len(archive)}-"]  # answered 416: nothing left to fetch
     assert check_dataset(tmp_path, progress=False) == []
+
+
+def test_a_refused_transfer_names_no_part_file(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DownloadError, match="nothing received") as e:
+        download(tmp_path, f"http://127.0.0.1:{port}/a.zip", "0" * 40, retries=0, progress=False)
+    assert ".part" not in str(e.value) and not list(tmp_path.glob("*.part"))
 
 
 def test_http_error_and_bad_arguments(tmp_path, server, archive, capsys):

@@ -102,7 +102,7 @@ def test_bad_arguments_and_existing_target(tmp_path, synth_root, capsys):
         with pytest.raises(ValueError):
             synthesize(tmp_path / "x", **{"train": 1, "val": 1, "size": (16, 16), **kw})
     assert not (tmp_path / "x" / BASE).exists()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         synthesize(synth_root, train=1, val=1)
     out = synthesize(tmp_path / "y", train=1, val=1, size=(16, 16))
     synthesize(tmp_path / "y", train=2, val=1, size=(16, 16), overwrite=True)

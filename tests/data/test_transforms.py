@@ -1,11 +1,9 @@
-import colorsys
-
 import numpy as np
 import pytest
 import torch
 
 from harness.data.transforms import (MMSegTrainTransform, PaddleViTTrainTransform, TestTransform,
-                                     _scale_saturation, build_test_transform,
+                                     build_test_transform,
                                      build_train_transform, loader_generator, rescale_size)
 
 VIT = ((127.5,) * 3, (127.5,) * 3)
@@ -55,7 +53,7 @@ def test_mmseg_image_and_label_stay_aligned_through_resize_crop_flip():
         image, label = blocks(80, 120, 10, seed)
         img, lab = t(image, label, seed)
         m = interior(lab)
-        assert (img[0][m] - lab[m].float()).abs().max() <= 1
+        assert torch.equal(img[0][m], lab[m].float())  # cv2 keeps flat regions exact
         checked += int(m.sum())
     assert checked > 10000
 
@@ -86,9 +84,11 @@ def test_mmseg_pads_image_with_zero_and_label_with_ignore():
 
 
 def _share_of_largest(lab: torch.Tensor) -> float:
-    counts = torch.bincount(lab[lab != 255])
+    # numpy: torch's masked indexing + bincount took ~15 ms a call here (650 calls)
+    lab = lab.numpy()
+    counts = np.bincount(lab[lab != 255])
     counts = counts[counts > 0]
-    return 1.0 if len(counts) < 2 else counts.max().item() / counts.sum().item()
+    return 1.0 if len(counts) < 2 else counts.max() / counts.sum()
 
 
 def test_cat_max_ratio_is_respected_where_achievable():
@@ -139,17 +139,6 @@ def test_photometric_distortion_changes_colour_not_geometry():
         changed += not torch.equal(a[0], b[0])
         assert a[0].min() >= 0 and a[0].max() <= 255
     assert changed >= 15  # 1 - 1/16 of the time at least one of the four steps fires
-
-
-def test_saturation_scaling_matches_hsv():
-    rng = np.random.default_rng(0)
-    px = rng.integers(0, 256, (3, 1, 500)).astype(np.uint8)
-    for alpha in (0.5, 1.0, 1.4):
-        out = _scale_saturation(torch.from_numpy(px), alpha).numpy()
-        for i in range(0, 500, 7):
-            h, s, v = colorsys.rgb_to_hsv(*(px[:, 0, i] / 255.0))
-            want = np.array(colorsys.hsv_to_rgb(h, min(s * alpha, 1.0), v)) * 255
-            assert np.abs(out[:, 0, i] - want).max() <= 1.0
 
 
 def test_paddlevit_transposed_resize_is_reproduced():

@@ -22,8 +22,13 @@ def md_table(text: str, heading: str) -> list[dict]:
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
-def by_config(rows: list[dict]) -> dict[str, dict]:
-    return {r["config"]: r for r in rows}
+def by_config(rows: list[dict], profile: str = "full") -> dict[str, dict]:
+    """The rows of one profile (and the rows without a run) by configuration."""
+    return {r["config"]: r for r in rows if r["profile"] in (profile, "")}
+
+
+MIOU_SS = "mIoU single-scale: documented vs reproduced"
+MIOU_MSFLIP = "mIoU multi-scale + flip: documented vs reproduced"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def test_baseline_follows_the_runs_recipe(store, report):
     pvt, ref = doc["seg_base_deit_mask", "paddlevit", "miou_ss"], doc["seg_base_deit_mask", "reference", "miou_ss"]
     # Only meaningful if the two sources disagree by more than the tolerance.
     assert abs(pvt + 0.1 - ref) > tables.TOLERANCE
-    row = by_config(report[1]["miou"])["seg_base_deit_mask"]
+    row = by_config(report[1]["miou"], "pvt-run")["seg_base_deit_mask"]  # a profile's name decides nothing
     assert (row["vs ss"], row["verdict ss"]) == ("PaddleViT", "reproduced")
     assert row["Δ ss"] == pytest.approx(0.1)
     # PaddleViT documents no ms+flip: that column falls back to the reference, and nothing was logged.
@@ -66,20 +71,19 @@ def test_baseline_follows_the_runs_recipe(store, report):
 
 
 def test_smoke_failed_and_missing_rows(store, report):
-    rows = by_config(report[1]["miou"])
-    smoke = rows["seg_base_mask"]
-    assert smoke["profile"] == "smoke"
+    smoke = by_config(report[1]["miou"], "smoke")["seg_base_mask"]
     assert smoke["segrepro ss"] == pytest.approx(store.logged["base_smoke"]["ss/mIoU"])
-    assert smoke["verdict ss"] == smoke["verdict ms+flip"] == "no verdict (smoke)"
+    assert smoke["verdict ss"] == smoke["verdict ms+flip"] == "no verdict (generated data)"
     assert smoke["Δ ss"] is None and smoke["Δ ms+flip"] is None
 
+    rows = by_config(report[1]["miou"])
     failed = rows["seg_base_deit_linear"]
     assert failed["verdict ss"] == "failed"
     assert failed["status"] == "failed: CUDA out of memory"  # first line of the error tag
     assert failed["run_id"] == store.runs["deit_linear_failed"]
 
-    stale = rows["seg_large_mask_640"]  # closed by close_stale: its process died
-    assert (stale["profile"], stale["status"], stale["verdict ms+flip"]) == ("smoke", "killed", "killed")
+    stale = by_config(report[1]["miou"], "smoke")["seg_large_mask_640"]  # closed by close_stale: its process died
+    assert (stale["status"], stale["verdict ms+flip"]) == ("killed", "killed")
 
     run_configs = {"seg_tiny_mask", "seg_small_mask", "seg_base_mask", "seg_base_deit_linear", "seg_base_deit_mask",
                    "seg_large_mask_640"}
@@ -89,7 +93,63 @@ def test_smoke_failed_and_missing_rows(store, report):
     assert documented_only, "documented.yaml lists a row with no zoo configuration"
     for name in documented_only:
         assert rows[name]["status"] == "no configuration"
-    assert len(report[1]["miou"]) == len(set(zoo_names()) | documented_only)
+    # one row per shown run (newest per configuration and profile), per zoo row not run, per documented-only row
+    shown = len(set(store.runs) - {"tiny_old", "kernels", "kernels_check"})
+    assert len(report[1]["miou"]) == shown + len(set(zoo_names()) - run_configs) + len(documented_only)
+
+
+@pytest.mark.parametrize("label, profile, reason", [
+    ("tiny_renamed_smoke", "full-copy", "generated data"),      # the smoke profile copied under another name
+    ("base_full_generated", "full", "generated data"),          # the full protocol, on generated data
+    ("small_unverified", "mine", "data unverified"),            # the official names without the archive's record
+    ("small_renamed_smoke", "full-copy", "not the full protocol"),  # verified data, smoke settings renamed
+])
+def test_a_verdict_needs_the_verified_val_split_and_the_full_protocol(store, report, label, profile, reason):
+    row = next(r for r in report[1]["miou"] if r["run_id"] == store.runs[label])
+    assert row["profile"] == profile
+    assert row["segrepro ss"] == pytest.approx(store.logged[label]["ss/mIoU"])  # the figure is shown ...
+    assert row["verdict ss"] == f"no verdict ({reason})" and row["Δ ss"] is None  # ... never judged
+
+
+def test_every_run_records_its_data(store, report, markdown):
+    c = collect(store.uri)
+    runs = c.runs.set_index("run_id")
+    kinds = {"verified": "ade20k-val", "unverified": "ade20k-val-unverified", "generated": "generated"}
+    for label, data in [("tiny", "verified"), ("small_unverified", "unverified"), ("base_smoke", "generated")]:
+        run = runs.loc[store.runs[label]]
+        assert (run["data_root"], run["val_data"]) == (str(store.data[data]), kinds[data])
+    assert runs.loc[store.runs["tiny"], ["val_images", "train_images"]].tolist() == ["2000", "1"]
+    assert runs.loc[store.runs["base_smoke"], "val_images"] == "3"
+    # the header names every root the shown runs read, and what it is
+    header = markdown.split("\n## ", 1)[0]
+    assert f"- data: generated at {store.data['generated']} (3 validation images): " in header
+    assert f"- data: ADE20K val at {store.data['verified']} (2000 validation images): " in header
+    rows = {r["root"]: r for r in report[1]["data"]}
+    assert "seg_tiny_mask [full-copy]" in rows[str(store.data["generated"])]["runs"]
+    assert "segrepro_download.json" in rows[str(store.data["unverified"])]["why"]
+    # the per-row data column of both mIoU tables
+    for heading in (MIOU_SS, MIOU_MSFLIP):
+        table = md_table(markdown, heading)
+        assert {r["data"] for r in table if r["config"] == "seg_base_mask"} == {"generated (3 images)"}
+
+
+def test_summary_counts(store, report, markdown):
+    summary = report[1]["summary"]
+    assert summary["ss"] == {
+        "reproduced": ["seg_base_deit_mask [pvt-run]", "seg_tiny_mask"],
+        "below": ["seg_small_mask"], "above": [],
+        "no verdict": ["seg_base_mask (generated data)", "seg_base_mask [smoke] (generated data)",
+                       "seg_small_mask [full-copy] (not the full protocol)", "seg_small_mask [mine] (data unverified)",
+                       "seg_tiny_mask [full-copy] (generated data)"],
+        "failed, stopped or running": ["seg_base_deit_linear (failed)", "seg_large_mask_640 [smoke] (killed)"],
+        "not run": ["seg_base_patch8"]}
+    assert (summary["ms+flip"]["reproduced"], summary["ms+flip"]["above"]) == (["seg_tiny_mask"], ["seg_small_mask"])
+    assert "seg_base_deit_mask [pvt-run] (no result)" in summary["ms+flip"]["no verdict"]
+    # the summary is the report's first section
+    assert markdown.split("\n## ")[1].startswith("Summary\n")
+    table = {r["outcome"]: r for r in md_table(markdown, "Summary")}
+    assert table["reproduced (Δ within ±0.5)"]["ss"] == "2: seg_base_deit_mask [pvt-run], seg_tiny_mask"
+    assert table["no verdict"]["ss"].startswith("5: ") and table["above"]["ss"] == "0"
 
 
 def test_tolerance_is_a_parameter(store, report):
@@ -125,27 +185,57 @@ def test_results_csv_is_the_long_table(store, report):
 def test_every_reproduced_figure_names_its_weights_and_precision(store, report, markdown):
     c = collect(store.uri)
     init = store.pretrained_init
-    prov = tables.protocols_view(c).set_index("config")["weights and precision"]
-    assert prov["seg_tiny_mask"] == f"from {init}, trained in fp32"
-    assert prov["seg_base_mask"] == "from random init, trained in bf16"
+    prov = tables.protocols_view(c).set_index(["config", "profile"])["weights and precision"]
+    assert prov["seg_tiny_mask", "full"] == f"from {init}, trained in fp32"
+    assert prov["seg_base_mask", "smoke"] == "from random init, trained in bf16"
     long = c.long[(c.long["source"] == "segrepro") & c.long["metric"].isin(["miou_ss", "miou_msflip"])]
-    tiny = long[long["config"] == "seg_tiny_mask"]
+    tiny = long[long["run_id"] == store.runs["tiny"]]
     assert len(tiny) == 2 and tiny["protocol"].str.endswith(f"; from {init}, trained in fp32").all()
-    rows = by_config(md_table(markdown, "Provenance of each run"))
+    rows = by_config(md_table(markdown, "Runs: status, data and provenance"))
     assert init in rows["seg_tiny_mask"]["weights and precision"]
 
 
-def test_throughput_view(store, report):
-    rows = report[1]["throughput"]
-    assert [r["config"] for r in rows] == ["seg_tiny_mask"]  # the only run with a benchmark
-    row, logged, doc = rows[0], store.logged["tiny"], store.doc
-    assert row["images/s"] == pytest.approx(logged["bench/images_per_s"])
-    assert row["latency p90 ms"] == pytest.approx(logged["bench/latency_p90_ms"])
-    assert row["peak memory MB"] == pytest.approx(logged["bench/peak_memory_mb"])
-    assert row["device"] == "cpu" and row["protocol"] == "cpu, batch 1, fp32, image 512"
-    assert row["reference fps"] == doc["seg_tiny_mask", "reference", "fps"]
-    assert row["MMSeg fps"] == doc["seg_tiny_mask", "mmseg", "fps"]
-    assert row["MMSeg train memory GB"] == doc["seg_tiny_mask", "mmseg", "train_memory"]
+def test_throughput_compares_like_with_like(store, report):
+    rows = {r["config"]: r for r in report[1]["throughput"]}
+    assert sorted(rows) == ["seg_small_mask", "seg_tiny_mask"]  # the runs with a benchmark
+    cpu, gpu, logged, doc = rows["seg_tiny_mask"], rows["seg_small_mask"], store.logged["tiny"], store.doc
+    assert cpu["images/s"] == pytest.approx(logged["bench/images_per_s"])
+    assert cpu["inference peak MB"] == pytest.approx(logged["bench/peak_memory_mb"])
+    assert (cpu["device"], cpu["precision"], cpu["batch"], cpu["image"]) == ("cpu", "fp32", "1", "512")
+    assert cpu["reference params M"] == doc["seg_tiny_mask", "reference", "params"]
+    # a CPU figure never sits beside a GPU fps; a GPU one at MMSeg's batch, precision and full size does
+    assert cpu["MMSeg fps"] is None and cpu["vs MMSeg fps"] == "not comparable: cpu"
+    assert gpu["device"] == "GPU NVIDIA H100 (stated)" and gpu["vs MMSeg fps"] == "same protocol"
+    assert gpu["MMSeg fps"] == doc["seg_small_mask", "mmseg", "fps"]
+    assert not [k for k in cpu if "train" in k]  # inference memory is not set beside training memory
+    assert "reference fps" not in cpu  # no stated GPU or protocol: listed with the documented figures only
+    documented = {r["config"]: r for r in report[1]["documented_speed"]}
+    assert documented["seg_tiny_mask"]["reference fps"] == doc["seg_tiny_mask", "reference", "fps"]
+
+
+def test_training_memory_beside_training_memory(store, report, markdown):
+    rows = {r["config"]: r for r in report[1]["training_benchmark"]}
+    gpu, cpu, doc = rows["seg_small_mask"], rows["seg_tiny_mask"], store.doc
+    assert gpu["train peak GB"] == pytest.approx(store.logged["small"]["bench_train/peak_memory_mb"] / 1024)
+    assert (gpu["device"], gpu["precision"], gpu["batch"], gpu["crop"]) == ("GPU NVIDIA H100 (stated)", "fp32", "1",
+                                                                             "512")
+    assert gpu["MMSeg train memory GB"] == doc["seg_small_mask", "mmseg", "train_memory"]
+    assert gpu["memory measured as"] == "CUDA allocator peak"
+    assert cpu["MMSeg train memory GB"] is None
+    assert cpu["vs MMSeg memory"] == "not comparable: cpu, batch 4 (documented 1), size 64 (full 512)"
+    assert cpu["step median ms"] == pytest.approx(store.logged["tiny"]["bench_train/step_median_ms"])
+    assert md_table(markdown, "Training speed and memory")[0]["config"] == "seg_small_mask"
+
+
+def test_plot_labels_name_the_data_of_runs_not_on_ade20k_val(report):
+    from reports.plots import bar_labels
+
+    miou = pd.DataFrame(report[1]["miou"])
+    labels = dict(zip(zip(miou["config"], miou["profile"]), bar_labels(miou)))
+    assert labels["seg_tiny_mask", "full"] == "seg_tiny_mask"
+    assert labels["seg_tiny_mask", "full-copy"] == "seg_tiny_mask [full-copy]\ngenerated (3 images)"
+    assert labels["seg_small_mask", "mine"].endswith("\nADE20K val names, unverified (2000 images)")
+    assert labels["seg_base_patch8", ""] == "seg_base_patch8"
 
 
 def test_kernels_view_uses_the_median(store, report):
@@ -183,15 +273,17 @@ def test_curves_view(report):
 
 def test_markdown_cells(store, report, markdown):
     out, _ = report
-    rows = by_config(md_table(markdown, "mIoU: documented vs reproduced"))
+    rows = by_config(md_table(markdown, MIOU_SS))
     small = rows["seg_small_mask"]
     assert small["segrepro ss"] == f"{store.logged['small']['ss/mIoU']:.2f}"
     assert small["reference ss"] == f"{store.doc['seg_small_mask', 'reference', 'miou_ss']:.2f}"
-    assert (small["Δ ss"], small["verdict ss"], small["verdict ms+flip"]) == ("-2.00", "below", "above")
+    assert (small["Δ ss"], small["verdict ss"]) == ("-2.00", "below")
+    assert by_config(md_table(markdown, MIOU_MSFLIP))["seg_small_mask"]["verdict ms+flip"] == "above"
     assert small["run"] == store.runs["small"][:8]
-    assert rows["seg_base_mask"]["Δ ss"] == "–"
-    assert rows["seg_base_deit_linear"]["status"] == "failed: CUDA out of memory"
-    assert by_config(md_table(markdown, "Throughput"))["seg_tiny_mask"]["images/s"] == "3.25"
+    assert by_config(md_table(markdown, MIOU_SS), "smoke")["seg_base_mask"]["Δ ss"] == "–"
+    assert by_config(md_table(markdown, "Runs: status, data and provenance"))["seg_base_deit_linear"]["status"] == (
+        "failed: CUDA out of memory")
+    assert by_config(md_table(markdown, "Inference speed"))["seg_tiny_mask"]["images/s"] == "3.25"
     for name in ("miou", "kernels", "curves"):
         assert f"(plots/{name}.png)" in markdown
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
@@ -264,11 +356,13 @@ def test_no_runs_is_a_documented_only_report(store, tmp_path):
     # Partial data is normal: a store without the experiment still gives the documented table.
     result = build.build_report(store.uri, tmp_path, experiment_name="absent")
     assert {r["verdict ss"] for r in result["miou"]} == {"not run", "no configuration"}
-    assert result["tables"] == ["mIoU: documented vs reproduced", "Documented sources"]
+    assert result["tables"] == ["Summary", MIOU_SS, MIOU_MSFLIP, "Documented sources",
+                                "Documented speed, size and memory"]
     assert result["images"] == ["miou"]
     assert any("absent" in n for n in result["notes"])
     text = (tmp_path / "report.md").read_text()
-    assert "No run logged a benchmark." in text and "No kernels profile logged" in text
+    assert "No run logged an inference benchmark." in text and "No kernels profile logged" in text
+    assert "No run logged a training benchmark" in text and "- data: no runs, documented figures only" in text
     assert "No kernels check logged." in text
 
 

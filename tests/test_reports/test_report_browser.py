@@ -1,6 +1,6 @@
-"""report.html opened in headless Chromium over the DevTools protocol: no console errors, no
-network request (the page is self-contained), every table and image present and decoded,
-and a screenshot saved."""
+"""report.html opened in headless Chromium over the DevTools protocol at a 1400 px wide viewport:
+no console errors, no network request (the page is self-contained), every table and image
+present and decoded, no table wider than the viewport, and a screenshot saved."""
 from __future__ import annotations
 
 import asyncio
@@ -16,9 +16,11 @@ CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} absent (CI installs it: apt-get install -y chromium)")
 
-# Counts the page must show; the store in conftest.py fills every section.
-N_TABLES = 7   # mIoU, protocols, sources, throughput, kernels, kernel correctness, curves
+# Counts the page must show; the store in conftest.py fills every section but released checkpoints.
+N_TABLES = 12  # summary, data, mIoU ss, mIoU ms+flip, runs, sources, inference, training, documented speed,
+#                kernels, kernel correctness, curves
 N_IMAGES = 3   # mIoU bars, kernels TFLOP/s, training curves
+VIEWPORT = 1400
 
 PROBE = """(async () => {
   const imgs = [...document.images];
@@ -27,7 +29,16 @@ PROBE = """(async () => {
           rows: document.querySelectorAll('table tbody tr').length,
           images: imgs.length,
           decoded: imgs.filter(i => i.naturalWidth > 0 && i.naturalHeight > 0
-                               && i.src.startsWith('data:image/png;base64,') && i.src.length > 1000).length};
+                               && i.src.startsWith('data:image/png;base64,') && i.src.length > 1000).length,
+          viewport: window.innerWidth, width: document.documentElement.clientWidth,
+          page: document.documentElement.scrollWidth,
+          first_heading: document.querySelector('h2').textContent,
+          // each table's right edge and the section it belongs to
+          tables_right: [...document.querySelectorAll('table')].map(t => {
+            let h = t.previousElementSibling;
+            while (h && h.tagName !== 'H2') h = h.previousElementSibling;
+            return [h ? h.textContent : '?', Math.ceil(t.getBoundingClientRect().right)];
+          })};
 })()"""
 
 
@@ -38,7 +49,7 @@ def chromium(tmp_path):
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--remote-debugging-port=0", "--window-size=1600,1200", "about:blank"],
+         "--remote-debugging-port=0", f"--window-size={VIEWPORT},1000", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"  # Chromium writes its chosen port here
@@ -97,6 +108,8 @@ async def _inspect(port: int, url: str) -> tuple[dict, list[str], list[str], byt
             task = asyncio.create_task(reader())
             for domain in ("Runtime", "Log", "Page", "Network"):
                 await call(f"{domain}.enable")
+            await call("Emulation.setDeviceMetricsOverride", width=VIEWPORT, height=1000, deviceScaleFactor=1,
+                       mobile=False)
             await call("Page.navigate", url=url)
             await asyncio.wait_for(loaded.wait(), 30)
             probe = await call("Runtime.evaluate", expression=PROBE, awaitPromise=True, returnByValue=True)
@@ -118,7 +131,14 @@ def test_html_report_in_headless_chromium(report, chromium, tmp_path):
     assert probe["tables"] == N_TABLES
     assert probe["rows"] > 0
     assert probe["images"] == probe["decoded"] == N_IMAGES
-    shot = tmp_path / "report.png"
+    assert probe["first_heading"] == "Summary"
+    # Readable at 1400 px: no table runs past the viewport (less its scroll bar), nothing scrolls sideways.
+    width = probe["width"]
+    assert probe["viewport"] == VIEWPORT and VIEWPORT - 30 <= width <= VIEWPORT
+    assert [(section, right) for section, right in probe["tables_right"] if right > width] == []
+    assert probe["page"] <= width
+    shot = tmp_path / f"report-{VIEWPORT}px.png"
     shot.write_bytes(png)
+    print(f"screenshot: {shot}")
     with Image.open(shot) as im:
-        assert im.format == "PNG" and im.width >= 800 and im.height >= 1200
+        assert im.format == "PNG" and im.width == width and im.height >= 1200

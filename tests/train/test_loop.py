@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from harness.data import ADE20K
+from harness.data.ade20k import ADE20K
 from harness.models import build_model, load_checkpoint
 from harness.optim import build_optimizer
 from harness.train.checkpoint import MODEL_FILE, RNG_FILE, STATE_FILE, seed_everything

@@ -22,7 +22,7 @@ from harness.config import InputError
 from harness.lock import holder
 from harness.models import load_checkpoint
 from harness.train.checkpoint import RNG_FILE
-from harness.train.driver import LEDGER_FILE, finished_result, resume_point, train
+from harness.train.driver import LEDGER_FILE, finished_result, release_placement_groups, resume_point, train
 from tests.train.hooks import KillRank, Trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +37,19 @@ def local_ray():
     ensure_ray()
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def test_a_placement_group_left_behind_is_released(local_ray):
+    """What a fit whose Ray Train controller failed leaves: a group holding CPUs that nothing uses."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    group = placement_group([{"CPU": 1}])
+    ray.get(group.ready(), timeout=60)
+    assert placement_group_table(group)["state"] == "CREATED"
+    release_placement_groups([group.id.hex()])
+    assert placement_group_table(group)["state"] == "REMOVED"
+    release_placement_groups([group.id.hex()])  # one Ray removed already is left as it is
 
 
 def _trace(path: Path) -> list[dict]:
@@ -101,6 +114,11 @@ def test_killed_worker_restarts_from_last_checkpoint(local_ray, tiny_cfg, data_r
     reported = [t for t in range(1, n + 1) if t % ckpt == 0 or t % log == 0 or t == n]
     assert steps["train/loss"] == steps["train/lr"] == reported
     assert steps["val/mIoU"] == [n]
+
+    # resuming the finished run trains nothing: its saved result comes back as it was
+    again = train(cfg, data_root, run_dir, workers=2, tracking_uri=uri, hooks=[Trace(str(trace))])
+    assert again["already_finished"] and again["iterations"] == n and again["checkpoint"] == out["checkpoint"]
+    assert again["wall_time_s"] == out["wall_time_s"] and len(_trace(trace)) == len(lines)
 
     # the run directory now holds a run: starting over needs resume, resuming needs the same schedule
     with pytest.raises(InputError, match="already holds a training run"):
