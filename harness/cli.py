@@ -164,7 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in record.items() if k != "per_class"}, indent=2))
     else:
         print(f"{cfg.name}: mIoU {record['mIoU']:.2f}, mAcc {record['mAcc']:.2f}, aAcc {record['aAcc']:.2f} "
-              f"over {record['images']} images ({record['images_per_s']:.2f} img/s)\n  {protocol.describe()}\n"
+              f"over {record['images']} images ({record['images_per_s']:.2f} img/s"
+              + (f", model {record['model_share']:.1%} of the loop's wall time" if record["model_share"] else "")
+              + f")\n  {protocol.describe()}\n"
               f"  results in {out}" + (f", MLflow run {record['run_id']}" if tracker else ""))
     return 0
 
@@ -175,6 +177,17 @@ def _attention_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "inference":
+        from harness.reproduce import resolve_configs
+        from harness.speed import format_suite, run_suite
+
+        h, _, w = args.image.partition("x")
+        if not (h.isdigit() and w.isdigit()):
+            raise InputError(f"--image {args.image!r}: expected HEIGHTxWIDTH, e.g. 512x683")
+        result = run_suite(resolve_configs(args.configs), args.works.split(","), (int(h), int(w)), args.threads,
+                           1 if args.warmup is None else args.warmup, 5 if args.repeats is None else args.repeats)
+        print(json.dumps(result, indent=2) if args.json else format_suite(result))
+        return 0
     from harness.benchmark import benchmark, benchmark_train, format_result, format_train_result
     from harness.models import load_checkpoint
 
@@ -416,6 +429,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="zoo configuration name or YAML path (default: the checkpoint's)")
+    p.add_argument("--suite", choices=["model", "inference"], default="model",
+                   help="model: one configuration's figures (default); inference: forward, sliding window and "
+                        "ms+flip of one image for each of --configs on this CPU (harness/speed.py)")
+    p.add_argument("--configs", default="seg_tiny_mask,seg_base_mask", help="--suite inference: NAME,NAME,...")
+    p.add_argument("--works", default="forward,slide,msflip", help="--suite inference: which workloads")
+    p.add_argument("--image", default="512x683", help="--suite inference: image size HxW (default ADE-sized)")
+    p.add_argument("--threads", type=int, default=2, help="--suite inference: torch threads")
     p.add_argument("--checkpoint", help="weights to time, or a configuration's run directory (RUN/configs/NAME-ID: "
                    "its config and benchmark settings); default: freshly initialised (speed does not depend on them)")
     p.add_argument("--recipe", help="named recipe (default: a segrepro checkpoint's own)")
@@ -431,8 +451,10 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="square input size of the forward timing (default: the window)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: the config's bench.precision")
     p.add_argument("--attention", choices=["torch", "triton"], help="attention and mask-step implementation")
-    p.add_argument("--warmup", type=int, help="default: the config's bench.warmup")
-    p.add_argument("--repeats", type=int, help="default: the config's bench.repeats")
+    p.add_argument("--warmup", type=int, help="discarded runs (default: the config's bench.warmup; 1 for --suite "
+                                              "inference)")
+    p.add_argument("--repeats", type=int, help="timed runs (default: the config's bench.repeats; 5 for --suite "
+                                               "inference)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_bench)
 

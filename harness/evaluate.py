@@ -21,7 +21,7 @@ from tqdm import tqdm
 from harness.atomic import write_text
 from harness.config import NORMALIZATION, Config, normalization_name
 from harness.data.ade20k import ADE20K, CLASSES
-from harness.inference import make_views, slide_inference, view_size
+from harness.inference import keep_freed_memory, make_views, slide_inference, view_size
 from harness.metrics import ConfusionMatrix
 
 # dataset item -> predicted classes [H, W] scored against the item's label, or (classes, the
@@ -71,46 +71,95 @@ class Protocol:
                 f"normalisation {self.normalization or 'as trained'}, bookkeeping {self.bookkeeping}")
 
 
-def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol,
-                    device: torch.device | str = "cpu") -> Predictor:
+class ModelPredictor:
     """Dataset item (uint8 image [H, W, 3]) -> predicted classes at the original resolution, or
     (classes, label) both at the single-scale view's size when the protocol scores there.
-    ``cfg`` describes the model (its normalisation and backbone resolve the protocol's rule)."""
-    stats = NORMALIZATION[normalization_name(protocol.normalization, cfg.model)]
-    mean, std = stats["mean"], stats["std"]
+    ``cfg`` describes the model (its normalisation and backbone resolve the protocol's rule).
 
-    def predict(item: dict):
-        image = item["image"]
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
-        views, flipped = make_views(img, protocol.test_scale, mean, std, protocol.scales, protocol.flip,
-                                    protocol.resize, protocol.ratio_base)
-        out_size = image.shape[:2]
-        if protocol.label_resolution == "resized":
+    ``prepare`` is the CPU side (the normalised views): a loader worker runs it ahead of the model;
+    an item that was not prepared has its views built on the model's device."""
+
+    def __init__(self, model: nn.Module, cfg: Config, protocol: Protocol, device: torch.device | str = "cpu"):
+        stats = NORMALIZATION[normalization_name(protocol.normalization, cfg.model)]
+        self.model, self.cfg, self.protocol, self.device = model, cfg, protocol, device
+        self.mean, self.std = stats["mean"], stats["std"]
+
+    def prepare(self, item: dict, device: torch.device | str = "cpu") -> dict:
+        p = self.protocol
+        img = torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1).to(device)
+        views, flipped = make_views(img, p.test_scale, self.mean, self.std, p.scales, p.flip, p.resize,
+                                    p.ratio_base)
+        return {**item, "views": views, "flipped": flipped}
+
+    def __call__(self, item: dict):
+        p = self.protocol
+        if "views" not in item:
+            item = self.prepare(item, self.device)
+        out_size = item["image"].shape[:2]
+        if p.label_resolution == "resized":
             # PaddleViT resizes the label (nearest) with the image and scores at that size
-            out_size = view_size(*out_size, protocol.test_scale, 1.0, protocol.resize)
-        probs = slide_inference(model, views, flipped, out_size, protocol.window, protocol.stride,
-                                cfg.eval.batch_size, protocol.small_views)
+            out_size = view_size(*out_size, p.test_scale, 1.0, p.resize)
+        views = [v.to(self.device) for v in item["views"]]
+        probs = slide_inference(self.model, views, item["flipped"], out_size, p.window, p.stride,
+                                self.cfg.eval.batch_size, p.small_views)
         pred = probs.argmax(0).cpu()
-        if protocol.label_resolution != "resized":
+        if p.label_resolution != "resized":
             return pred
         label = torch.from_numpy(np.ascontiguousarray(item["label"]))[None]
         return pred, TF.resize(label, list(out_size), interpolation=TF.InterpolationMode.NEAREST)[0]
 
-    return predict
+
+def model_predictor(model: nn.Module, cfg: Config, protocol: Protocol,
+                    device: torch.device | str = "cpu") -> ModelPredictor:
+    return ModelPredictor(model, cfg, protocol, device)
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """The first ``n`` items of ``dataset``, decoded and prepared in a loader worker."""
+
+    def __init__(self, dataset: ADE20K, prepare: Callable[[dict], dict], n: int):
+        self.dataset, self.prepare, self.n = dataset, prepare, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.prepare(self.dataset[i])
+
+
+def _as_is(item: dict) -> dict:
+    return item
 
 
 def evaluate_dataset(predict: Predictor, dataset: ADE20K, num_classes: int = 150, limit: int | None = None,
-                     progress: bool = True, desc: str = "eval", on_image: OnImage | None = None) -> ConfusionMatrix:
-    """Accumulate one confusion matrix over (the first ``limit`` items of) ``dataset``."""
+                     progress: bool = True, desc: str = "eval", loader_workers: int = 0,
+                     timing: dict | None = None, on_image: OnImage | None = None) -> ConfusionMatrix:
+    """Accumulate one confusion matrix over (the first ``limit`` items of) ``dataset``.
+
+    ``loader_workers > 0``: a torch DataLoader decodes the images and builds the views (a
+    predictor's ``prepare``) in that many worker processes while the model runs. ``timing``, if
+    given, receives ``model_s`` (seconds inside ``predict``) and ``wall_s``; ``on_image(done,
+    total)`` is called after every image."""
     cm = ConfusionMatrix(num_classes)
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    for i in tqdm(range(n), desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
-        item = dataset[i]
+    prepare = getattr(predict, "prepare", None)
+    if prepare is not None and loader_workers > 0:
+        items = iter(torch.utils.data.DataLoader(_Prepared(dataset, prepare, n), batch_size=None,
+                                                 num_workers=loader_workers, collate_fn=_as_is, prefetch_factor=2))
+    else:
+        items = (dataset[i] for i in range(n))
+    start, model_s = time.perf_counter(), 0.0
+    for done, item in enumerate(tqdm(items, total=n, desc=desc, unit="img", disable=not progress,
+                                     dynamic_ncols=True), 1):
+        t = time.perf_counter()
         out = predict(item)
+        model_s += time.perf_counter() - t
         pred, label = out if isinstance(out, tuple) else (out, torch.from_numpy(item["label"]))
         cm.update(pred, label)
         if on_image is not None:
-            on_image(i + 1, n)
+            on_image(done, n)
+    if timing is not None:
+        timing.update(model_s=model_s, wall_s=time.perf_counter() - start)
     return cm
 
 
@@ -130,6 +179,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
                         ms_flip: bool = False, limit: int | None = None, workers: int = 1,
                         progress: bool = True, ray_address: str | None = None,
                         source_config: str | os.PathLike | None = None,
+                        timing: dict | None = None,
                         on_image: OnImage | None = None) -> tuple[ConfusionMatrix, Protocol, int]:
     """Evaluate a checkpoint (any format ``load_checkpoint`` reads; ``source_config`` for an
     MMSeg or PaddleViT one whose config is elsewhere) on the validation split of ``data_root``
@@ -137,13 +187,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
 
     ``workers > 1`` shards the split over Ray tasks (``harness.stages``: one evaluation's
     resources each), each accumulating its own matrix; the matrices are merged once.
+    ``timing`` (one process only) receives the model's and the wall seconds (``evaluate_dataset``).
     """
     protocol = Protocol.of(cfg, ms_flip)
     dataset = ADE20K(data_root, "validation")
     dataset = dataset if limit is None else dataset.head(limit)
     source_config = None if source_config is None else str(source_config)
     if workers <= 1:
-        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config, on_image),
+        return (_evaluate_shard(str(checkpoint), cfg, protocol, dataset, progress, source_config, timing, on_image),
                 protocol, len(dataset))
     from harness.raylib import ensure_ray
     from harness.stages import run_eval_shards
@@ -157,7 +208,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, cfg: Config, data_root: s
 
 
 def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: ADE20K,
-                    progress: bool, source_config: str | None = None,
+                    progress: bool, source_config: str | None = None, timing: dict | None = None,
                     on_image: OnImage | None = None) -> ConfusionMatrix:
     from harness.models import load_checkpoint
 
@@ -165,10 +216,12 @@ def _evaluate_shard(checkpoint: str, cfg: Config, protocol: Protocol, dataset: A
     model, ckpt_cfg = load_checkpoint(checkpoint, source_config, attention=cfg.model.attention,
                                       mask_step=cfg.model.mask_step)
     model.to(device)
+    keep_freed_memory()
     # the protocol's normalisation rule is resolved for the checkpoint's own model
     predict = model_predictor(model, ckpt_cfg, protocol, device)
+    # one loader worker decodes and builds the next image's views while the model runs
     return evaluate_dataset(predict, dataset, ckpt_cfg.model.n_cls, progress=progress, desc=protocol.mode,
-                            on_image=on_image)
+                            loader_workers=1, timing=timing, on_image=on_image)
 
 
 def result_record(cm: ConfusionMatrix, protocol: Protocol, cfg: Config, images: int, seconds: float) -> dict:
@@ -205,10 +258,12 @@ def write_result(out_dir: str | os.PathLike, record: dict) -> tuple[Path, Path]:
 def run_eval(checkpoint, cfg: Config, data_root, ms_flip: bool, limit: int | None, workers: int,
              out_dir, progress: bool = True, ray_address: str | None = None, source_config=None,
              on_image: OnImage | None = None) -> dict:
-    start = time.perf_counter()
+    start, timing = time.perf_counter(), {}
     cm, protocol, images = evaluate_checkpoint(checkpoint, cfg, data_root, ms_flip, limit, workers, progress,
-                                               ray_address, source_config, on_image)
+                                               ray_address, source_config, timing, on_image)
     record = result_record(cm, protocol, cfg, images, time.perf_counter() - start)
+    # the model's share of the evaluation loop's wall time (None when sharded over Ray workers)
+    record["model_share"] = timing["model_s"] / timing["wall_s"] if timing.get("wall_s") else None
     record["checkpoint"] = str(Path(checkpoint).resolve())
     record["data_root"] = str(Path(data_root).resolve())  # the writer records which data this was
     if out_dir is not None:

@@ -11,6 +11,21 @@ import torch.nn.functional as F
 from harness.data.transforms import normalize, rescale_size, resize_test_image, short_side_size
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc serve every allocation from its heap and keep what is freed there (mallopt
+    M_MMAP_MAX 0, M_TRIM_THRESHOLD at its maximum), for a process that runs inference over and
+    over: the logits maps (150 x window^2 floats and more) are otherwise fresh mmaps whose page
+    faults cost more than the bilinear resizes writing them. False where libc has no mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def upsample_to_window(im: torch.Tensor, window: int) -> torch.Tensor:
     """Upsample a view whose short side is below the window so the short side equals it
     (reference ``resize``: the long side is ``int(ratio * window)``, truncated)."""
@@ -54,14 +69,24 @@ def slide_logits(model: nn.Module, im: torch.Tensor, window: int, stride: int, b
     wh, ww = min(window, H), min(window, W)
     anchors = [(y, x) for y in ys for x in xs]
     logits = torch.zeros((model.n_cls, H, W), device=im.device, dtype=torch.float32)
-    count = torch.zeros((1, H, W), device=im.device, dtype=torch.float32)
     for i in range(0, len(anchors), batch_size):
         batch = anchors[i:i + batch_size]
         out = model(torch.cat([im[:, :, y:y + wh, x:x + ww] for y, x in batch])).float()
         for seg, (y, x) in zip(out, batch):
             logits[:, y:y + wh, x:x + ww] += seg
-            count[:, y:y + wh, x:x + ww] += 1
-    return logits / count
+    # The window count is the product of the per-axis counts and is 1 outside the overlaps:
+    # dividing only the overlapping blocks, in place, gives the reference's logits / count.
+    for y0, y1, ny in coverage(ys, wh, H):
+        for x0, x1, nx in coverage(xs, ww, W):
+            if ny * nx > 1:
+                logits[:, y0:y1, x0:x1] /= ny * nx
+    return logits
+
+
+def coverage(origins: Sequence[int], size: int, length: int) -> list[tuple[int, int, int]]:
+    """Runs ``(start, end, n)`` along one axis: how many windows of ``size`` at ``origins`` cover it."""
+    cuts = sorted({0, length, *origins, *(a + size for a in origins)})
+    return [(a, b, sum(o <= a < o + size for o in origins)) for a, b in zip(cuts, cuts[1:])]
 
 
 @torch.no_grad()
@@ -76,19 +101,28 @@ def slide_inference(model: nn.Module, views: Sequence[torch.Tensor], flipped: Se
     """
     if len(views) != len(flipped):
         raise ValueError(f"{len(views)} views but {len(flipped)} flip flags")
-    probs = None
+    # softmax commutes with the mirror: flipped views' probabilities are summed unmirrored and
+    # mirrored once at the end, and the softmax writes into one reused buffer
+    sums: dict[bool, torch.Tensor] = {}
+    p = None
     for im, flip in zip(views, flipped):
         if small_views == "upsample":
             im = upsample_to_window(im, window)
         elif small_views != "low_res":
             raise ValueError(f"small_views must be 'upsample' or 'low_res', got {small_views!r}")
         logits = slide_logits(model, im, window, stride, batch_size, small_views)
-        logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
-        if flip:
-            logits = torch.flip(logits, dims=(2,))
-        p = F.softmax(logits, dim=0)
-        probs = p if probs is None else probs + p
-    return probs / len(views)
+        if tuple(logits.shape[-2:]) != tuple(out_size):  # at the same size the bilinear resize is the identity
+            logits = F.interpolate(logits[None], size=tuple(out_size), mode="bilinear", align_corners=False)[0]
+        p = torch.softmax(logits, 0) if p is None else torch.softmax(logits, 0, out=p)
+        if flip in sums:
+            sums[flip] += p
+        else:
+            sums[flip], p = p, None
+    probs = sums.get(False)
+    if True in sums:
+        mirrored = torch.flip(sums[True], dims=(2,))
+        probs = mirrored if probs is None else probs.add_(mirrored)
+    return probs.div_(len(views))
 
 
 def view_size(h: int, w: int, test_scale: int, ratio: float = 1.0, resize: str = "fit",

@@ -9,7 +9,7 @@ import torch
 from harness.config import load_config
 from harness.data.ade20k import ADE20K
 from harness.data.synth import synthesize
-from harness.evaluate import evaluate_checkpoint, evaluate_dataset
+from harness.evaluate import Protocol, evaluate_checkpoint, evaluate_dataset, model_predictor
 from harness.models import load_checkpoint
 
 FIXTURE = "tests/fixtures/vit_mask"
@@ -57,6 +57,17 @@ def test_ss_and_msflip_deterministic_and_sharded_identically(ade_root):
         assert proto.scales == (tuple(cfg.eval.scales) if ms else (1.0,))
 
 
+def test_loader_worker_gives_the_same_matrix_and_times_the_model(ade_root):
+    model, cfg = load_checkpoint(FIXTURE)
+    predict = model_predictor(model, cfg, Protocol.of(cfg, ms_flip=False))
+    ds = ADE20K(ade_root, "validation")
+    timing = {}
+    in_process = evaluate_dataset(predict, ds, cfg.model.n_cls, progress=False)
+    loaded = evaluate_dataset(predict, ds, cfg.model.n_cls, progress=False, loader_workers=1, timing=timing)
+    assert torch.equal(in_process.mat, loaded.mat) and in_process.mat.sum() > 0
+    assert 0 < timing["model_s"] <= timing["wall_s"]
+
+
 def _ignored(root) -> int:
     return sum(int((item["label"] == 255).sum()) for item in ADE20K(root, "validation"))
 
@@ -80,6 +91,7 @@ def test_eval_cli_writes_metrics_and_per_class_csv(ade_root, tmp_path, fixture_y
     record = json.loads(res.stdout)
     saved = json.loads((tmp_path / "out" / "msflip_metrics.json").read_text())
     assert saved["mIoU"] == record["mIoU"] and 0 <= record["mIoU"] <= 100
+    assert 0 < record["model_share"] <= 1
     assert saved["protocol"] == {"mode": "msflip", "window": 64, "stride": 48, "test_scale": 64,
                                  "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "flip": True, "small_views": "upsample",
                                  "name": "reference", "resize": "fit", "ratio_base": "test_scale",

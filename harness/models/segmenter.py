@@ -33,7 +33,10 @@ class Segmenter(nn.Module):
         im = pad_to_patch(im, self.patch_size)
         Hp, Wp = im.shape[-2:]
         x = self.encoder(im)[:, self.encoder.num_extra_tokens:]
-        masks = self.decoder(x, (Hp, Wp))
+        # The decoders' [B, N, C] -> [B, C, h, w] views have channels-last strides (degenerate
+        # batch stride at B=1) which send the bilinear upsample down a slow path with a full-size
+        # copy; a contiguous copy of the small patch-grid logits costs nothing and is exact.
+        masks = self.decoder(x, (Hp, Wp)).contiguous()
         if self.logits_resize == "direct":
             return F.interpolate(masks, size=(H, W), mode="bilinear", align_corners=False)
         masks = F.interpolate(masks, size=(Hp, Wp), mode="bilinear", align_corners=False)
