@@ -1,6 +1,6 @@
 """`segrepro reproduce --preflight`: a bad file stops it before any measurement, the full data
-check is cached by the dataset fingerprint, a tiny configuration is measured and projected;
-and a bad file met during training is reported once, without Ray retries."""
+check is cached by the dataset fingerprint, a tiny configuration is measured and projected
+(a bad file met during training: tests/train/test_data_errors.py)."""
 import json
 import shutil
 
@@ -8,13 +8,9 @@ import pytest
 
 from harness.cli import main
 from harness.config import load_config
-from harness.data.ade20k import DataError
 from harness.data.synth import synthesize
 from harness.data.fingerprint import CACHE_ENV
 from harness.preflight import format_report, full_data_check
-from harness.train.driver import train
-from harness.train.loop import epoch_indices
-from tests.train.hooks import Trace
 
 TINY_PROFILE = """description: a few iterations of a two-layer model, for tests
 overrides:
@@ -130,22 +126,3 @@ def test_reproduce_refuses_what_the_cluster_cannot_run(env, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("segrepro: error")]
     assert errors == ["segrepro: error: --workers 1 --gpus-per-worker 1: train asks 1 GPU, the cluster has 0"]
     assert not (tmp_path / "run" / "configs").exists()
-
-
-def test_bad_file_during_training_is_reported_once_without_retries(env, tmp_path, capfd):
-    data = _copy(env, tmp_path)
-    cfg = load_config("tiny_test", profile="tiny")
-    # rank 1's second batch of the first epoch (one image per rank and iteration)
-    index = epoch_indices(8, cfg.optim.seed, 0, 1, 2)[1]
-    bad = _truncate(data / DATASET / "images" / "training" / f"ADE_train_{index + 1:08d}.jpg")
-    trace = tmp_path / "trace.jsonl"
-    with pytest.raises(DataError) as raised:
-        train(cfg, data, tmp_path / "run", workers=2, hooks=[Trace(str(trace))])
-    message, err = str(raised.value), capfd.readouterr().err
-    assert f"bad dataset file images/training/{bad.name}: cannot decode image" in message, message
-    assert message.count(bad.name) == 1, message
-    assert bad.name not in err, err[-3000:]  # no retry or log repeated it
-    # one attempt: both ranks ran iteration 1 once, in one process each, and stopped together
-    lines = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert sorted((r["rank"], r["iteration"]) for r in lines) == [(0, 1), (1, 1)]
-    assert len({r["pid"] for r in lines}) == 2

@@ -181,7 +181,7 @@ def test_a_run_is_listed_and_its_run_dir_evaluates_and_benchmarks_as_reproduce_d
     assert res.returncode == 0, res.stderr[-2000:]
     proto = json.loads(res.stdout)["protocol"]
     for key in ("batch_size", "precision", "image_size", "warmup", "repeats", "window", "stride"):
-        assert proto[key] == bench["protocol"][key], key
+        assert proto[key] == bench["inference"]["protocol"][key], key
     # ... unless told otherwise: another profile's protocol
     from harness.config import load_config
 

@@ -92,6 +92,24 @@ def _drain(queue, stop: threading.Event, callback: Progress) -> None:
             raise
 
 
+def _trainer_class():
+    """Ray Train's TorchTrainer without its PlacementGroupCleaner (ray 2.5x, pinned).
+
+    The cleaner watches the controller through the state API, which needs the dashboard that
+    segrepro's embedded Ray does not run: it cannot see a controller die, and its shutdown waits
+    out a 10 s state-API timeout, 12 s at the end of every fit. ``release_placement_groups``
+    does its job here, and Ray removes a dead driver's groups with its job."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def release_placement_groups(ids: Sequence[str]) -> None:
     """Remove the workers' placement groups that outlived their fit.
 
@@ -254,7 +272,7 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
          progress: Progress, max_failures: int, hooks: Sequence[Hook]) -> tuple[dict, dict | None, Path]:
     """One attempt on Ray Train: (rank 0's return value, the MLflow run, the final checkpoint)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     from ray.util.queue import Queue
 
     from harness.raylib import ensure_ray
@@ -279,7 +297,7 @@ def _fit(cfg: Config, data_root: Path, run_dir: Path, ray_run: str, resume_from:
     drainer.start()
     use_gpu = gpus_per_worker > 0
     resources = policy(gpus_per_worker=gpus_per_worker).train.bundle()
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         ray_worker,
         train_loop_config={"cfg": cfg, "data_root": str(data_root), "queue": queue,
                            "backbone_weights": str(found.path) if found else None,

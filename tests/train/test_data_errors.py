@@ -40,7 +40,9 @@ def env(tmp_path_factory, tiny_experiments):
     synthesize(data, train=8, val=2, size=(64, 80), classes=4, seed=0)
     cfg = load_config("tiny_test", profile="bad")
     pairs = list_pairs(data, "training")
-    second_batch = epoch_indices(len(pairs), cfg.optim.seed, 0, 0, 1)[2]
+    # rank 1's second image with two workers, in the second batch with one
+    second_batch = epoch_indices(len(pairs), cfg.optim.seed, 0, 1, 2)[1]
+    assert second_batch in epoch_indices(len(pairs), cfg.optim.seed, 0, 0, 1)[2:4]
     bad = pairs[second_batch][1]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     ensure_ray()
@@ -58,7 +60,9 @@ def _errors(stderr: str) -> list[str]:
 
 def test_truncated_image_under_train_is_one_message(env, segrepro, tmp_path):
     run_dir = tmp_path / "run"
-    res = segrepro("train", "tiny_test", "--profile", "bad", "--data-root", env["data"], "--run-dir", run_dir)
+    # two DDP ranks: the one that meets the file is not rank 0, and both stop together
+    res = segrepro("train", "tiny_test", "--profile", "bad", "--data-root", env["data"], "--run-dir", run_dir,
+                   "--workers", 2)
     assert res.returncode == 2, res.stderr[-3000:]
     (line,) = _errors(res.stderr)
     assert f"bad dataset file images/training/{env['bad'].name}" in line and "truncated" in line
